@@ -1,0 +1,30 @@
+"""Package metadata for llava: a two-stage LLaVA training codebase."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="llava",
+    version="0.1.0",
+    description="Train LLaVA-style vision-language models: any CLIP-like tower, any causal LM.",
+    packages=find_packages(include=["llava", "llava.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.1",
+        # optimum-habana 1.21 supports exactly the 4.55 series: one environment for GPU and Gaudi.
+        "transformers>=4.55,<4.56",
+        "accelerate>=1.0,<=1.10.1",
+        "deepspeed>=0.16",
+        "peft>=0.13",
+        "open_clip_torch>=2.26",
+        "pillow",
+        "einops",
+        "sentencepiece",
+        "protobuf",
+        "safetensors",
+        "numpy",
+    ],
+    extras_require={
+        "habana": ["optimum-habana>=1.21,<1.22"],
+        "dev": ["pytest>=8", "ruff>=0.6", "scikit-learn", "matplotlib"],
+    },
+)
