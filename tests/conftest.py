@@ -1,0 +1,4 @@
+"""Shared pytest fixtures: tiny tokenizers and tiny checkpoints saved to temporary folders."""
+
+from tests.fixtures.models import *  # noqa: F403
+from tests.fixtures.tokenizers import *  # noqa: F403
