@@ -1,0 +1,71 @@
+"""File names and key conventions of the partial checkpoints (projector, non-LoRA trainables).
+
+Written with the original LLaVA's key names (`model.mm_projector.0.weight`) so that files
+move both ways between this project and the original code.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+PROJECTOR_FILE = "mm_projector.bin"
+NON_LORA_TRAINABLES_FILE = "non_lora_trainables.bin"
+ORIGINAL_PROJECTOR_PREFIX = "model.mm_projector."
+PEFT_PREFIX = "base_model.model."
+
+# Prefixes a projector key may carry, in any checkpoint we know of -> stripped.
+PROJECTOR_PREFIXES = (
+    PEFT_PREFIX + ORIGINAL_PROJECTOR_PREFIX,
+    PEFT_PREFIX + "projector.",
+    ORIGINAL_PROJECTOR_PREFIX,
+    "mm_projector.",
+    "projector.",
+)
+
+
+def projector_file_state(projector_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The projector's own state dict -> the keys mm_projector.bin holds."""
+    return {ORIGINAL_PROJECTOR_PREFIX + key: value.cpu() for key, value in projector_state.items()}
+
+
+def strip_projector_prefix(key: str) -> str | None:
+    for prefix in PROJECTOR_PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix) :]
+    return None
+
+
+def read_projector_file(path: str) -> dict[str, torch.Tensor]:
+    """mm_projector.bin (ours or the original LLaVA's) -> the projector's state dict."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No projector weights at {path!r} (expected {PROJECTOR_FILE})")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    projector_state = {}
+    for key, value in state.items():
+        stripped = strip_projector_prefix(key)
+        if stripped is None:
+            raise KeyError(f"{path}: key {key!r} is not a projector weight")
+        projector_state[stripped] = value
+    return projector_state
+
+
+def non_lora_file_key(model_key: str) -> str:
+    """Our model's parameter name -> the name non_lora_trainables.bin stores."""
+    if model_key.startswith("projector."):
+        return PEFT_PREFIX + ORIGINAL_PROJECTOR_PREFIX + model_key[len("projector.") :]
+    return PEFT_PREFIX + model_key
+
+
+def read_non_lora_trainables(path: str) -> dict[str, torch.Tensor]:
+    """non_lora_trainables.bin -> a state dict keyed by our (un-wrapped) model's names."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    result = {}
+    for key, value in state.items():
+        stripped = strip_projector_prefix(key)
+        if stripped is not None:
+            result["projector." + stripped] = value
+        else:
+            result[key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key] = value
+    return result

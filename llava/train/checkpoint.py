@@ -1,0 +1,121 @@
+"""ZeRO-3-safe save and load of the projector and of the non-LoRA trainables."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from llava.model.weights import (
+    NON_LORA_TRAINABLES_FILE,
+    PROJECTOR_FILE,
+    non_lora_file_key,
+    projector_file_state,
+    read_projector_file,
+)
+
+COMPLETE_MARKER = "checkpoint_complete"
+
+
+def is_partitioned(parameter: nn.Parameter) -> bool:
+    return hasattr(parameter, "ds_id")
+
+
+@contextlib.contextmanager
+def gathered(parameters: list[nn.Parameter], modifier_rank: int | None = None) -> Iterator[None]:
+    """Full parameters inside the block, under ZeRO-3 as elsewhere.
+
+    With `modifier_rank`, writes made on that rank are scattered back to every partition.
+    """
+    partitioned = [p for p in parameters if is_partitioned(p)]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank):
+        yield
+
+
+def full_state(named: list[tuple[str, nn.Parameter]]) -> dict[str, torch.Tensor]:
+    """CPU copies of the named parameters, gathered if partitioned."""
+    with gathered([p for _, p in named]):
+        return {name: p.detach().cpu().clone() for name, p in named}
+
+
+def unwrap_base(model: nn.Module) -> nn.Module:
+    """The LlavaForCausalLM inside a peft wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if get_base is not None else model
+
+
+def save_projector(model: nn.Module, folder: str, write: bool) -> None:
+    """Write mm_projector.bin (original LLaVA keys). Every rank must call it (gather is collective)."""
+    projector = unwrap_base(model).projector
+    state = full_state(list(projector.named_parameters()))
+    if write:
+        os.makedirs(folder, exist_ok=True)
+        torch.save(projector_file_state(state), os.path.join(folder, PROJECTOR_FILE))
+
+
+def load_projector(model: nn.Module, path: str) -> None:
+    """Load mm_projector.bin into the projector, gathering partitions under ZeRO-3."""
+    projector = unwrap_base(model).projector
+    state = read_projector_file(path)
+    expected = dict(projector.named_parameters())
+    if set(state) != set(expected):
+        raise ValueError(
+            f"{path} holds projector keys {sorted(state)}, but this model's "
+            f"{unwrap_base(model).config.mm_projector_type} projector has {sorted(expected)}"
+        )
+    with gathered(list(expected.values()), modifier_rank=0), torch.no_grad():
+        for name, parameter in expected.items():
+            if state[name].shape != parameter.shape:
+                raise ValueError(
+                    f"{path}: {name} has shape {tuple(state[name].shape)}, the projector needs "
+                    f"{tuple(parameter.shape)}"
+                )
+            parameter.copy_(state[name].to(parameter.dtype))
+
+
+def non_lora_trainables(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """Trainable parameters that are not LoRA adapters (projector, unfrozen tower, ...)."""
+    base = unwrap_base(model)
+    return [
+        (name, parameter)
+        for name, parameter in base.named_parameters()
+        if parameter.requires_grad and "lora_" not in name
+    ]
+
+
+def save_non_lora_trainables(model: nn.Module, folder: str, write: bool) -> None:
+    state = full_state(non_lora_trainables(model))
+    if write:
+        os.makedirs(folder, exist_ok=True)
+        file_state = {non_lora_file_key(name): value for name, value in state.items()}
+        torch.save(file_state, os.path.join(folder, NON_LORA_TRAINABLES_FILE))
+
+
+def mark_complete(folder: str) -> None:
+    with open(os.path.join(folder, COMPLETE_MARKER), "w") as f:
+        f.write("ok\n")
+
+
+def latest_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest checkpoint-N in output_dir whose save finished (a crash mid-save is skipped)."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = []
+    for name in os.listdir(output_dir):
+        prefix, _, step = name.partition("-")
+        folder = os.path.join(output_dir, name)
+        if (
+            prefix == "checkpoint"
+            and step.isdigit()
+            and os.path.exists(os.path.join(folder, COMPLETE_MARKER))
+        ):
+            steps.append((int(step), folder))
+    return max(steps)[1] if steps else None

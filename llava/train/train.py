@@ -1,0 +1,166 @@
+"""Training entry: parse -> build -> stage -> LoRA -> data -> trainer -> save.
+
+Runs as `python -m llava.train.train`, `deepspeed llava/train/train.py` or under torchrun.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import torch
+import transformers
+
+from llava.constants import IMAGE_END_TOKEN, IMAGE_START_TOKEN
+from llava.model.builder import build_llava_model, load_tokenizer
+from llava.model.llava import LlavaForCausalLM
+from llava.train.arguments import (
+    DataArguments,
+    ModelArguments,
+    TrainingArguments,
+    parse_arguments,
+)
+from llava.train.checkpoint import latest_complete_checkpoint, load_projector
+from llava.train.lora import add_lora, quantization_config
+from llava.train.stages import StagePlan, apply_stage, plan_stage, trainable_table
+
+logger = logging.getLogger("llava.train")
+
+
+def compute_dtype(args: TrainingArguments) -> torch.dtype:
+    if args.bf16:
+        return torch.bfloat16
+    if args.fp16:
+        return torch.float16
+    return torch.float32
+
+
+def build_model(model_args: ModelArguments, args: TrainingArguments) -> LlavaForCausalLM:
+    if model_args.vision_tower is None:
+        raise ValueError(
+            "--vision_tower is required (an HF CLIP/SigLIP checkpoint or open_clip:...)"
+        )
+    dtype = compute_dtype(args)
+    quantization = quantization_config(args.bits, args.double_quant, args.quant_type, dtype)
+    language_model_kwargs = {"cache_dir": args.cache_dir}
+    if quantization is not None:
+        language_model_kwargs["quantization_config"] = quantization
+    model = build_llava_model(
+        model_args.model_name_or_path,
+        model_args.vision_tower,
+        mm_projector_type=model_args.mm_projector_type,
+        mm_vision_select_layer=model_args.mm_vision_select_layer,
+        mm_vision_select_feature=model_args.mm_vision_select_feature,
+        vision_tower_pretrained=model_args.vision_tower_pretrained,
+        torch_dtype=dtype,
+        attn_implementation=model_args.attn_implementation,
+        language_model_kwargs=language_model_kwargs,
+    )
+    model.config.use_cache = False
+    model.language_model.config.use_cache = False
+    if quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=args.gradient_checkpointing
+        )
+    return model
+
+
+def add_image_marker_tokens(model: LlavaForCausalLM, tokenizer) -> None:
+    """--mm_use_im_start_end: <im_start>/<im_end> become tokens whose embeddings train."""
+    added = tokenizer.add_tokens([IMAGE_START_TOKEN, IMAGE_END_TOKEN], special_tokens=True)
+    if added:
+        model.language_model.resize_token_embeddings(len(tokenizer))
+    model.config.mm_use_im_start_end = True
+
+
+def prepare_model(
+    model: LlavaForCausalLM, model_args: ModelArguments, args: TrainingArguments
+) -> tuple[torch.nn.Module, StagePlan]:
+    """Load the stage-1 projector, decide what trains, add LoRA."""
+    if model_args.pretrain_mm_mlp_adapter:
+        load_projector(model, model_args.pretrain_mm_mlp_adapter)
+    plan = plan_stage(
+        tune_mm_mlp_adapter=model_args.tune_mm_mlp_adapter,
+        lora_enable=args.lora_enable,
+        freeze_backbone=model_args.freeze_backbone,
+        freeze_mm_mlp_adapter=args.freeze_mm_mlp_adapter,
+        tune_vision_tower=model_args.tune_vision_tower,
+    )
+    apply_stage(model, plan)
+    if plan.lora:
+        model = add_lora(
+            model,
+            r=args.lora_r,
+            alpha=args.lora_alpha,
+            dropout=args.lora_dropout,
+            bias=args.lora_bias,
+            target_modules=args.lora_target_modules,
+        )
+    return model, plan
+
+
+def resume_checkpoint(args: TrainingArguments) -> str | None:
+    """--resume_from_checkpoint PATH, or True/automatic: the newest complete checkpoint."""
+    requested = args.resume_from_checkpoint
+    if requested and requested.lower() not in ("true", "1"):
+        if not os.path.isdir(requested):
+            raise FileNotFoundError(f"--resume_from_checkpoint {requested!r} is not a folder")
+        return requested
+    if requested or not args.overwrite_output_dir:
+        return latest_complete_checkpoint(args.output_dir)
+    return None
+
+
+def build_data(model: LlavaForCausalLM, tokenizer, model_args, data_args, args):
+    from llava.data.dataset import build_supervised_data
+
+    return build_supervised_data(
+        tokenizer=tokenizer,
+        image_processor=model.vision_tower.image_processor,
+        num_image_tokens=model.num_image_tokens,
+        data_args=data_args,
+        version=model_args.version,
+        model_max_length=args.model_max_length,
+        mm_use_im_start_end=model_args.mm_use_im_start_end,
+    )
+
+
+def train(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments) -> None:
+    transformers.set_seed(args.seed)  # every rank builds the same fresh projector
+    if args.gradient_checkpointing and args.gradient_checkpointing_kwargs is None:
+        args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+    tokenizer = load_tokenizer(model_args.model_name_or_path, args.model_max_length)
+    model = build_model(model_args, args)
+    if model_args.mm_use_im_start_end:
+        add_image_marker_tokens(model, tokenizer)
+    model.config.image_aspect_ratio = data_args.image_aspect_ratio
+    model, plan = prepare_model(model, model_args, args)
+    if args.should_log:
+        logger.warning("Stage: %s\n%s", plan.name, trainable_table(model))
+
+    train_dataset, collator = build_data(model, tokenizer, model_args, data_args, args)
+    from llava.train.trainer import LlavaTrainer
+
+    trainer = LlavaTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        data_collator=collator,
+        processing_class=tokenizer,
+        stage_plan=plan,
+    )
+    trainer.train(resume_from_checkpoint=resume_checkpoint(args))
+    trainer.save_state()
+    trainer.save_model(args.output_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s: %(message)s", stream=sys.stdout)
+    train(*parse_arguments(argv))
+
+
+if __name__ == "__main__":
+    main()

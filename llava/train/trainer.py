@@ -1,0 +1,119 @@
+"""A mixin over HF Trainer (and GaudiTrainer): grouped sampler, projector lr, stage-aware saving."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from llava.model.weights import PROJECTOR_FILE
+from llava.train.checkpoint import (
+    load_projector,
+    mark_complete,
+    save_non_lora_trainables,
+    save_projector,
+    unwrap_base,
+)
+from llava.train.stages import StagePlan
+
+
+class LlavaTrainerMixin:
+    """Behaviour shared by the GPU/CPU trainer and the Gaudi trainer.
+
+    Expects `self.stage_plan` (a StagePlan) and a train dataset exposing `lengths` and
+    `modalities` for the grouped samplers.
+    """
+
+    stage_plan: StagePlan
+
+    # -- sampling ---------------------------------------------------------------------------
+    def _get_train_sampler(self, train_dataset=None):
+        from llava.data.sampler import build_train_sampler
+
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        sampler = build_train_sampler(
+            dataset,
+            per_device_batch_size=self.args.per_device_train_batch_size,
+            world_size=self.args.world_size,
+            gradient_accumulation_steps=self.args.gradient_accumulation_steps,
+            group_by_modality_length=self.args.group_by_modality_length,
+            group_by_length=self.args.group_by_length,
+            seed=self.args.seed,
+        )
+        return sampler if sampler is not None else super()._get_train_sampler(train_dataset)
+
+    # -- optimizer ----------------------------------------------------------------------------
+    def create_optimizer(self):
+        """AdamW groups: no weight decay on biases and norms; the projector at --mm_projector_lr."""
+        if self.optimizer is not None:
+            return self.optimizer
+        model = self.model
+        decay_names = set(self.get_decay_parameter_names(model))
+        groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+        for name, parameter in model.named_parameters():
+            if not parameter.requires_grad:
+                continue
+            is_projector = self.args.mm_projector_lr is not None and is_projector_name(name)
+            groups.setdefault((name in decay_names, is_projector), []).append(parameter)
+        param_groups = []
+        for (decay, is_projector), parameters in groups.items():
+            group: dict[str, Any] = {
+                "params": parameters,
+                "weight_decay": self.args.weight_decay if decay else 0.0,
+            }
+            if is_projector:
+                group["lr"] = self.args.mm_projector_lr
+            param_groups.append(group)
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+        return self.optimizer
+
+    # -- saving -------------------------------------------------------------------------------
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Stage 1 writes mm_projector.bin + config; LoRA adds non_lora_trainables.bin + config."""
+        output_dir = output_dir or self.args.output_dir
+        base = unwrap_base(self.model)
+        write = self.args.should_save
+        if self.stage_plan.name.startswith("pretrain"):
+            save_projector(self.model, output_dir, write)
+            if write:
+                base.config.save_pretrained(output_dir)
+            return
+        super().save_model(output_dir, _internal_call=_internal_call)
+        if self.stage_plan.lora:
+            save_non_lora_trainables(self.model, output_dir, write)
+            if write:
+                base.config.save_pretrained(output_dir)
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        # Only a checkpoint every rank finished writing is marked, so resume never picks a
+        # half-written one.
+        self.accelerator.wait_for_everyone()
+        folder = os.path.join(
+            self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}"
+        )
+        if self.args.should_save:
+            mark_complete(folder)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """Stage-1 checkpoints hold only the projector; the rest of the model is the base."""
+        projector_file = os.path.join(resume_from_checkpoint, PROJECTOR_FILE)
+        if self.stage_plan.name.startswith("pretrain") and self.is_deepspeed_enabled is False:
+            load_projector(model if model is not None else self.model, projector_file)
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+
+def is_projector_name(name: str) -> bool:
+    return name.removeprefix("base_model.model.").startswith("projector.")
+
+
+class LlavaTrainer(LlavaTrainerMixin, Trainer):
+    """The trainer for GPU and CPU runs."""
+
+    def __init__(self, *args, stage_plan: StagePlan, **kwargs):
+        self.stage_plan = stage_plan
+        super().__init__(*args, **kwargs)

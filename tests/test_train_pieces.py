@@ -1,0 +1,208 @@
+"""Stages, LoRA targeting, partial checkpoints and the scripts' flags, without a training run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+import torch
+import transformers
+
+from llava.model.builder import build_llava_model
+from llava.model.weights import (
+    NON_LORA_TRAINABLES_FILE,
+    PROJECTOR_FILE,
+    read_non_lora_trainables,
+    read_projector_file,
+)
+from llava.train.arguments import DataArguments, ModelArguments, TrainingArguments
+from llava.train.checkpoint import (
+    latest_complete_checkpoint,
+    load_projector,
+    mark_complete,
+    save_non_lora_trainables,
+    save_projector,
+)
+from llava.train.lora import add_lora, language_model_linear_names, quantization_config
+from llava.train.stages import apply_stage, plan_stage, trainable_table
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ["pretrain.sh", "finetune.sh", "finetune_lora.sh"]
+
+
+@pytest.fixture
+def model(tiny_llama_path, tiny_clip_path):
+    return build_llava_model(tiny_llama_path, tiny_clip_path)
+
+
+def trainable_parts(model) -> dict[str, bool]:
+    return {
+        part: any(p.requires_grad for p in getattr(model, part).parameters())
+        for part in ("vision_tower", "projector", "language_model")
+    }
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (dict(tune_mm_mlp_adapter=True), (True, False, False)),
+        (dict(), (True, True, False)),
+        (dict(freeze_backbone=True), (True, False, False)),
+        (dict(freeze_mm_mlp_adapter=True), (False, True, False)),
+        (dict(lora_enable=True), (True, False, False)),
+        (dict(tune_vision_tower=True), (True, True, True)),
+    ],
+)
+def test_flags_map_onto_what_trains(model, flags, expected):
+    arguments = dict(
+        tune_mm_mlp_adapter=False,
+        lora_enable=False,
+        freeze_backbone=False,
+        freeze_mm_mlp_adapter=False,
+        tune_vision_tower=False,
+    )
+    plan = plan_stage(**{**arguments, **flags})
+    apply_stage(model, plan)
+    projector, language_model, vision_tower = expected
+    assert trainable_parts(model) == {
+        "vision_tower": vision_tower,
+        "projector": projector,
+        "language_model": language_model,
+    }
+
+
+def test_stage_one_cannot_be_combined_with_lora():
+    with pytest.raises(ValueError, match="only the projector"):
+        plan_stage(True, True, False, False, False)
+
+
+def test_lora_goes_on_every_language_model_linear_and_nowhere_else(model):
+    expected = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert set(language_model_linear_names(model)) == expected
+    apply_stage(model, plan_stage(False, True, False, False, False))
+    wrapped = add_lora(model, r=4, alpha=8, dropout=0.0, bias="none")
+    lora_modules = {name for name, _ in wrapped.named_modules() if name.endswith("lora_A")}
+    assert len(lora_modules) == 2 * len(expected)  # two layers
+    assert all(".language_model." in name for name in lora_modules)
+    trainable = {name for name, p in wrapped.named_parameters() if p.requires_grad}
+    assert all("lora_" in name or ".projector." in name for name in trainable)
+    table = trainable_table(wrapped)
+    assert "language_model (LoRA)" in table and "projector" in table
+
+
+def test_lora_target_modules_flag_is_checked(model):
+    wrapped = add_lora(
+        model, r=4, alpha=8, dropout=0.0, bias="none", target_modules="q_proj,v_proj"
+    )
+    names = {
+        name.rsplit(".", 2)[-2] for name, _ in wrapped.named_modules() if name.endswith("lora_A")
+    }
+    assert names == {"q_proj", "v_proj"}
+    with pytest.raises(ValueError, match="not linear layers of the language model"):
+        add_lora(model, r=4, alpha=8, dropout=0.0, bias="none", target_modules="fc9")
+
+
+def test_qlora_without_a_gpu_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ValueError, match="needs bitsandbytes on a CUDA GPU"):
+        quantization_config(4, True, "nf4", torch.bfloat16)
+
+
+def test_projector_file_round_trips_with_original_keys(
+    model, tiny_llama_path, tiny_clip_path, tmp_path
+):
+    save_projector(model, str(tmp_path), write=True)
+    raw = torch.load(tmp_path / PROJECTOR_FILE, weights_only=True)
+    assert sorted(raw) == [
+        f"model.mm_projector.{k}" for k in ("0.bias", "0.weight", "2.bias", "2.weight")
+    ]
+    other = build_llava_model(tiny_llama_path, tiny_clip_path)
+    assert not torch.equal(other.projector[0].weight, model.projector[0].weight)
+    load_projector(other, str(tmp_path / PROJECTOR_FILE))
+    for a, b in zip(model.projector.parameters(), other.projector.parameters()):
+        assert torch.equal(a, b)
+    assert set(read_projector_file(str(tmp_path / PROJECTOR_FILE))) == set(
+        model.projector.state_dict()
+    )
+
+
+def test_projector_of_another_shape_is_refused(model, tiny_llama_path, tiny_clip_path, tmp_path):
+    linear = build_llava_model(tiny_llama_path, tiny_clip_path, mm_projector_type="linear")
+    save_projector(linear, str(tmp_path), write=True)
+    with pytest.raises(ValueError, match="mlp2x_gelu projector has"):
+        load_projector(model, str(tmp_path / PROJECTOR_FILE))
+    with pytest.raises(FileNotFoundError, match="No projector weights"):
+        load_projector(model, str(tmp_path / "missing.bin"))
+
+
+def test_non_lora_trainables_hold_the_projector(model, tmp_path):
+    apply_stage(model, plan_stage(False, True, False, False, False))
+    wrapped = add_lora(model, r=4, alpha=8, dropout=0.0, bias="none")
+    save_non_lora_trainables(wrapped, str(tmp_path), write=True)
+    state = read_non_lora_trainables(str(tmp_path / NON_LORA_TRAINABLES_FILE))
+    assert set(state) == {f"projector.{k}" for k in model.projector.state_dict()}
+    assert torch.equal(state["projector.0.weight"], model.projector[0].weight)
+
+
+def test_resume_picks_the_newest_complete_checkpoint(tmp_path):
+    for step in (5, 10, 15):
+        os.makedirs(tmp_path / f"checkpoint-{step}")
+    mark_complete(str(tmp_path / "checkpoint-5"))
+    mark_complete(str(tmp_path / "checkpoint-10"))  # 15 was cut off mid-save
+    assert latest_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")
+    assert latest_complete_checkpoint(str(tmp_path / "nothing")) is None
+
+
+def script_arguments(script: str) -> list[str]:
+    """The arguments a script passes to train.py (DRY_RUN prints them one per line)."""
+    env = {**os.environ, "DRY_RUN": "1", "LAUNCHER": "python"}
+    out = subprocess.run(
+        ["bash", os.path.join(REPO, "scripts", script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    lines = out.splitlines()
+    assert lines[:3] == ["python", "-m", "llava.train.train"]
+    return lines[3:]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_flag_in_the_scripts_parses(script, tmp_path):
+    argv = script_arguments(script)
+    parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    namespace, unknown = parser.parse_known_args(argv)
+    assert unknown == []
+    assert namespace.model_max_length == 2048 and namespace.mm_vision_select_layer == -2
+    assert namespace.mm_projector_type == "mlp2x_gelu"
+    # The dataclasses' own checks pass too, with the GPU-only precision flags turned off.
+    parser.parse_args_into_dataclasses(
+        argv + ["--bf16", "False", "--tf32", "False", "--output_dir", str(tmp_path)]
+    )
+
+
+def test_scripts_carry_the_llava_recipe():
+    pretrain = script_arguments("pretrain.sh")
+    lora = script_arguments("finetune_lora.sh")
+    pairs = lambda argv: dict(zip(argv[::2], argv[1::2]))  # noqa: E731
+    assert pairs(pretrain)["--learning_rate"] == "1e-3"
+    assert pairs(pretrain)["--version"] == "plain"
+    assert pairs(lora)["--lora_r"] == "128" and pairs(lora)["--lora_alpha"] == "256"
+    assert pairs(lora)["--mm_projector_lr"] == "2e-5"
+    assert pairs(lora)["--image_aspect_ratio"] == "pad"
+
+
+def test_script_arguments_override_defaults_and_environment_sets_paths():
+    env = {**os.environ, "DRY_RUN": "1", "LAUNCHER": "python", "DATA_PATH": "/data/x.json"}
+    out = subprocess.run(
+        ["bash", os.path.join(REPO, "scripts", "pretrain.sh"), "--learning_rate", "5e-4"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    assert out[out.index("--data_path") + 1] == "/data/x.json"
+    assert out[-2:] == ["--learning_rate", "5e-4"]  # last wins in argparse
