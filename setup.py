@@ -22,6 +22,7 @@ setup(
         "protobuf",
         "safetensors",
         "numpy",
+        "datasets>=2.19",  # local Hugging Face datasets (save_to_disk folders, parquet)
     ],
     extras_require={
         "habana": ["optimum-habana>=1.21,<1.22"],

@@ -1,0 +1,1 @@
+"""Data pipeline: readers, chat-template tokenization, images, dataset, sampler, collator."""

@@ -1,0 +1,63 @@
+"""Batching: dynamic padding (right by default), attention masks, and stacked image pixels.
+
+`pixel_values` of a batch are every sample's images concatenated in sample order, which is
+the order in which the model fills the runs of image placeholders. A batch without images has
+no `pixel_values` key. `pad_to_multiple_of` rounds lengths up, so static-shape devices (Gaudi
+lazy mode) see only a few shapes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from llava.constants import IGNORE_INDEX
+
+
+def pad_token_id_of(tokenizer: Any) -> int:
+    """The tokenizer's pad id, else unk (LLaVA's choice for v1), else eos, else 0."""
+    for name in ("pad_token_id", "unk_token_id", "eos_token_id"):
+        token_id = getattr(tokenizer, name, None)
+        if token_id is not None:
+            return int(token_id)
+    return 0
+
+
+@dataclass
+class SupervisedCollator:
+    """Samples {"input_ids" (T,), "labels" (T,), "pixel_values" (n, 3, H, W) | None} -> batch."""
+
+    pad_token_id: int
+    padding_side: str = "right"
+    pad_to_multiple_of: int | None = None
+
+    def __post_init__(self):
+        if self.padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be right or left, not {self.padding_side!r}")
+
+    def padded_length(self, samples: list[dict[str, Any]]) -> int:
+        longest = max(len(sample["input_ids"]) for sample in samples)
+        if self.pad_to_multiple_of:
+            return math.ceil(longest / self.pad_to_multiple_of) * self.pad_to_multiple_of
+        return longest
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch_size, length = len(samples), self.padded_length(samples)
+        input_ids = torch.full((batch_size, length), self.pad_token_id, dtype=torch.long)  # (B, T)
+        labels = torch.full((batch_size, length), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+        attention_mask = torch.zeros((batch_size, length), dtype=torch.long)  # (B, T)
+        for row, sample in enumerate(samples):
+            n = len(sample["input_ids"])
+            span = slice(0, n) if self.padding_side == "right" else slice(length - n, length)
+            input_ids[row, span] = torch.as_tensor(sample["input_ids"])
+            labels[row, span] = torch.as_tensor(sample["labels"])
+            attention_mask[row, span] = 1
+        batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        pixels = [s["pixel_values"] for s in samples if s.get("pixel_values") is not None]
+        pixels = [p for p in pixels if p.shape[0] > 0]
+        if pixels:
+            batch["pixel_values"] = torch.cat(pixels)  # (N_images, 3, H, W), sample order
+        return batch

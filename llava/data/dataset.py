@@ -1,0 +1,258 @@
+"""The lazy supervised dataset: exact lengths and modalities up front, images decoded per sample.
+
+At construction every record is rendered and tokenized once (text only, fast) to learn its
+true length with image placeholders, whether truncation shortens or drops it, and whether any
+supervised token is left; nothing is kept but the record and its length. Images are decoded
+only in `__getitem__`. Bad records raise `BadRecordError` naming file and index, or with
+`skip_bad_records` are skipped and counted; every drop is counted in one summary line.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from llava.conversation import ChatTemplate, get_template
+from llava.data.collator import SupervisedCollator, pad_token_id_of
+from llava.data.formats import BadRecordError, Record, load_records
+from llava.data.images import load_image, process_images
+from llava.data.tokenize import (
+    NO_SUPERVISION,
+    SHORTENED,
+    TOO_LONG,
+    ConversationTokenizer,
+    TokenizedSample,
+    fit,
+)
+
+logger = logging.getLogger(__name__)
+
+IMAGE, TEXT = "image", "text"
+ENCODE_BLOCK = 512  # records tokenized per batched tokenizer call at construction
+
+
+@dataclass
+class DataSummary:
+    """What happened to the records of one data path."""
+
+    source: str
+    records: int = 0
+    skipped_bad: int = 0
+    shortened: int = 0
+    dropped_too_long: int = 0
+    dropped_no_supervision: int = 0
+    image_samples: int = 0
+    text_samples: int = 0
+    skipped_at_load: int = 0  # bad records found when a sample was loaded (unreadable image)
+    reasons: list[str] = field(default_factory=list)  # the first few bad-record messages
+
+    @property
+    def kept(self) -> int:
+        return self.image_samples + self.text_samples
+
+    def line(self) -> str:
+        return (
+            f"data {self.source}: {self.records} records -> {self.kept} samples "
+            f"({self.image_samples} with images, {self.text_samples} text-only); "
+            f"skipped {self.skipped_bad} bad records; "
+            f"dropped {self.dropped_too_long} longer than model_max_length at the first answer "
+            f"and {self.dropped_no_supervision} with no supervised token; "
+            f"shortened {self.shortened} at a turn boundary"
+        )
+
+
+class SupervisedDataset(Dataset):
+    """Records -> {"input_ids" (T,), "labels" (T,), "pixel_values" (N, 3, H, W) or None}.
+
+    `lengths` (tokens, image placeholders included) and `modalities` ("image" / "text") are
+    known without decoding any image; the grouped samplers read them.
+    """
+
+    def __init__(
+        self,
+        records: list[Record],
+        tokenizer: Any,
+        template: ChatTemplate | str,
+        model_max_length: int,
+        image_processor: Any = None,
+        num_image_tokens: int = 0,
+        image_aspect_ratio: str = "square",
+        mm_use_im_start_end: bool = False,
+        skip_bad_records: bool = False,
+        summary: DataSummary | None = None,
+    ):
+        self.conversation_tokenizer = ConversationTokenizer(
+            tokenizer, template, num_image_tokens, mm_use_im_start_end
+        )
+        self.model_max_length = model_max_length
+        self.image_processor = image_processor
+        self.image_aspect_ratio = image_aspect_ratio
+        self.skip_bad_records = skip_bad_records
+        self.summary = summary or DataSummary(source="records")
+        self.summary.records = self.summary.records or len(records)
+        self.samples: list[tuple[Record, int]] = []  # (record, number of its images kept)
+        self.lengths: list[int] = []
+        self.modalities: list[str] = []
+        for start in range(0, len(records), ENCODE_BLOCK):
+            self.add_block(records[start : start + ENCODE_BLOCK])
+        logger.warning(self.summary.line())
+
+    def add_block(self, records: list[Record]) -> None:
+        """Tokenize records (text only, one batched call) and keep those with something to learn."""
+        for record in records:
+            if record.images and self.image_processor is None:
+                raise ValueError(
+                    f"{record.source} record {record.index} has images but no image processor was given"
+                )
+        encoded = self.conversation_tokenizer.encode_many([list(r.turns) for r in records])
+        for record, item in zip(records, encoded):
+            if isinstance(item, ValueError):
+                self.bad(BadRecordError(record.source, record.index, str(item), record.id))
+            else:
+                self.add(record, *fit(item, self.model_max_length))
+
+    def add(self, record: Record, sample: TokenizedSample | None, outcome: str) -> None:
+        if sample is None:
+            if outcome == TOO_LONG:
+                self.summary.dropped_too_long += 1
+            elif outcome == NO_SUPERVISION:
+                self.summary.dropped_no_supervision += 1
+            return
+        self.summary.shortened += int(outcome == SHORTENED)
+        modality = IMAGE if sample.num_images else TEXT
+        self.summary.image_samples += int(modality == IMAGE)
+        self.summary.text_samples += int(modality == TEXT)
+        self.samples.append((record, sample.num_images))
+        self.lengths.append(len(sample.input_ids))
+        self.modalities.append(modality)
+
+    def bad(self, error: BadRecordError) -> None:
+        if not self.skip_bad_records:
+            raise error
+        self.summary.skipped_bad += 1
+        if len(self.summary.reasons) < 10:
+            self.summary.reasons.append(str(error))
+
+    @property
+    def modality_lengths(self) -> list[int]:
+        """LLaVA's convention: positive lengths for image samples, negative for text-only."""
+        return [n if m == IMAGE else -n for n, m in zip(self.lengths, self.modalities)]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def pixel_values(self, record: Record, num_images: int) -> torch.Tensor | None:
+        """(num_images, 3, H, W) for the images the sample keeps, None when it keeps none."""
+        if num_images == 0:
+            return None
+        try:
+            images = [load_image(source) for source in record.images[:num_images]]
+        except ValueError as error:
+            raise BadRecordError(record.source, record.index, str(error), record.id) from None
+        return process_images(images, self.image_processor, self.image_aspect_ratio)
+
+    def load(self, i: int) -> dict[str, torch.Tensor | None]:
+        record, num_images = self.samples[i]
+        sample, _ = self.conversation_tokenizer(list(record.turns), self.model_max_length)
+        return {
+            "input_ids": torch.tensor(sample.input_ids, dtype=torch.long),  # (T,)
+            "labels": torch.tensor(sample.labels, dtype=torch.long),  # (T,)
+            "pixel_values": self.pixel_values(record, num_images),  # (N, 3, H, W) or None
+        }
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor | None]:
+        """Load sample i; with skip_bad_records a bad one is replaced by the next good sample
+        of the same modality (so grouped batches stay one modality)."""
+        for attempt in range(len(self)):
+            j = self.next_of_same_modality(i, attempt)
+            try:
+                return self.load(j)
+            except BadRecordError as error:
+                if not self.skip_bad_records:
+                    raise
+                self.summary.skipped_at_load += 1
+                logger.warning(
+                    "skipping (%d so far in this process): %s", self.summary.skipped_at_load, error
+                )
+        raise RuntimeError("every sample of this modality is bad")
+
+    def next_of_same_modality(self, i: int, attempt: int) -> int:
+        if attempt == 0:
+            return i
+        same = [j for j, m in enumerate(self.modalities) if m == self.modalities[i]]
+        return same[(same.index(i) + attempt) % len(same)]
+
+
+def load_supervised_dataset(
+    data_path: str,
+    tokenizer: Any,
+    version: str,
+    model_max_length: int,
+    image_processor: Any = None,
+    num_image_tokens: int = 0,
+    image_folder: str | None = None,
+    image_aspect_ratio: str = "square",
+    dataset_text_field: str | None = None,
+    dataset_image_field: str | None = None,
+    skip_bad_records: bool = False,
+    mm_use_im_start_end: bool = False,
+) -> SupervisedDataset:
+    """Read a data path (any supported format) into a SupervisedDataset."""
+    template = get_template(version)
+    loaded = load_records(
+        data_path, image_folder, dataset_text_field, dataset_image_field, skip_bad_records
+    )
+    summary = DataSummary(source=data_path, records=len(loaded.records) + len(loaded.skipped))
+    summary.skipped_bad = len(loaded.skipped)
+    summary.reasons = [str(error) for error in loaded.skipped[:10]]
+    return SupervisedDataset(
+        loaded.records,
+        tokenizer,
+        template,
+        model_max_length,
+        image_processor=image_processor,
+        num_image_tokens=num_image_tokens,
+        image_aspect_ratio=image_aspect_ratio,
+        mm_use_im_start_end=mm_use_im_start_end,
+        skip_bad_records=skip_bad_records,
+        summary=summary,
+    )
+
+
+def build_supervised_data(
+    tokenizer: Any,
+    image_processor: Any,
+    num_image_tokens: int,
+    data_args: Any,
+    version: str = "v1",
+    model_max_length: int = 2048,
+    mm_use_im_start_end: bool = False,
+    padding_side: str = "right",
+) -> tuple[SupervisedDataset, SupervisedCollator]:
+    """The training entry's one call: (train_dataset, data_collator) from LLaVA's flags.
+
+    `data_args` carries data_path, image_folder, image_aspect_ratio, dataset_text_field,
+    dataset_image_field and skip_bad_records (missing ones take their defaults).
+    """
+    dataset = load_supervised_dataset(
+        data_path=data_args.data_path,
+        tokenizer=tokenizer,
+        version=version,
+        model_max_length=model_max_length,
+        image_processor=image_processor,
+        num_image_tokens=num_image_tokens,
+        image_folder=getattr(data_args, "image_folder", None),
+        image_aspect_ratio=getattr(data_args, "image_aspect_ratio", "square"),
+        dataset_text_field=getattr(data_args, "dataset_text_field", None),
+        dataset_image_field=getattr(data_args, "dataset_image_field", None),
+        skip_bad_records=getattr(data_args, "skip_bad_records", False),
+        mm_use_im_start_end=mm_use_im_start_end,
+    )
+    if len(dataset) == 0:
+        raise ValueError(f"no trainable sample in {data_args.data_path}: {dataset.summary.line()}")
+    collator = SupervisedCollator(pad_token_id_of(tokenizer), padding_side=padding_side)
+    return dataset, collator

@@ -1,0 +1,471 @@
+"""Readers for LLaVA JSON/JSONL, OpenAI-style messages and local Hugging Face datasets.
+
+Every reader yields the same `Record`: turns with roles (system, user, assistant) whose text
+holds one `<image>` tag per image, and the record's images in tag order. Images stay
+undecoded (a path, or a reference into a dataset's column) until the dataset loads a sample.
+A record that cannot be trained on raises `BadRecordError`, which names the file and the
+record's index; `load_records(..., skip_bad_records=True)` skips and counts them instead.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from llava.constants import IMAGE_TOKEN
+from llava.conversation import ASSISTANT, SYSTEM, USER, Turn
+
+# Role names of the supported formats, mapped to the internal ones.
+ROLE_NAMES = {
+    "human": USER,
+    "user": USER,
+    "gpt": ASSISTANT,
+    "assistant": ASSISTANT,
+    "model": ASSISTANT,
+    "system": SYSTEM,
+}
+# Column names found automatically when no --dataset_text_field / --dataset_image_field is given.
+CONVERSATION_COLUMNS = ("conversations", "messages")
+CAPTION_COLUMNS = ("caption",)
+QUESTION_COLUMNS = ("question", "query")
+ANSWER_COLUMNS = ("answer", "label")
+IMAGE_COLUMNS = ("images", "image")
+
+
+class BadRecordError(ValueError):
+    """A record that cannot be trained on; the message names its file and index."""
+
+    def __init__(self, source: str, index: int, reason: str, record_id: Any = None):
+        self.source, self.index, self.reason = source, index, reason
+        where = f"{source} record {index}" + (f" (id {record_id})" if record_id is not None else "")
+        super().__init__(f"{where}: {reason}")
+
+
+@dataclass(frozen=True)
+class DatasetImage:
+    """An image stored in a Hugging Face dataset column, read only when a sample is loaded."""
+
+    dataset: Any  # datasets.Dataset; pickles by file reference for loader workers
+    column: str
+    row: int
+    position: int | None  # index inside a list-of-images cell, None for a single image
+
+    def fetch(self) -> Any:
+        """The stored cell: a {"bytes", "path"} dict, bytes or a path."""
+        value = self.dataset.data.column(self.column)[self.row].as_py()
+        return value if self.position is None else value[self.position]
+
+
+@dataclass(frozen=True)
+class Record:
+    """One training conversation and its images (in the order of its <image> tags)."""
+
+    turns: tuple[Turn, ...]
+    images: tuple[Any, ...]  # str path | bytes | dict | PIL image | DatasetImage
+    source: str
+    index: int
+    id: Any = None
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Where the text and images of a row are.
+
+    kind: conversations (LLaVA `from`/`value`), messages (OpenAI `role`/`content`),
+    caption (a stage-1 pair) or qa (`text` is the question, `answer` the answer).
+    """
+
+    kind: str
+    text: str
+    image: str | None = None
+    answer: str | None = None
+
+
+@dataclass
+class LoadedRecords:
+    """The records read from one data path and the bad ones skipped."""
+
+    records: list[Record]
+    source: str
+    skipped: list[BadRecordError] = field(default_factory=list)
+
+
+# -- turns ------------------------------------------------------------------------------------
+def role_of(name: Any) -> str:
+    if not isinstance(name, str) or name.lower() not in ROLE_NAMES:
+        raise ValueError(f"unknown role {name!r} (known: {', '.join(ROLE_NAMES)})")
+    return ROLE_NAMES[name.lower()]
+
+
+def text_of(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"turn text must be a string, not {type(value).__name__}")
+    return value
+
+
+def llava_turns(conversation: Any) -> list[Turn]:
+    """LLaVA `conversations`: [{"from": "human"|"gpt"|"system", "value": str}, ...]."""
+    if not isinstance(conversation, list):
+        raise ValueError("conversations must be a list of turns")
+    return [Turn(role_of(t.get("from")), text_of(t.get("value"))) for t in conversation]
+
+
+def inline_image(part: dict[str, Any]) -> Any:
+    """The image an OpenAI content part carries itself, or None when it names none."""
+    value = part.get("image", part.get("image_url", part.get("path", part.get("url"))))
+    if isinstance(value, dict):
+        value = value.get("url", value.get("path"))
+    if isinstance(value, str) and value.startswith(("http://", "https://")):
+        raise ValueError(f"remote image {value!r}: download it and give a local path")
+    if isinstance(value, str) and value.startswith("file://"):
+        value = value[len("file://") :]
+    return value
+
+
+def message_text(content: Any, inline_images: list[Any]) -> str:
+    """Content as text: a string, or parts joined by newlines with <image> for image parts."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ValueError("message content must be a string or a list of parts")
+    pieces = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            pieces.append(text_of(part.get("text")))
+        elif kind in ("image", "image_url"):
+            pieces.append(IMAGE_TOKEN)
+            image = inline_image(part)
+            if image is not None:
+                inline_images.append(image)
+        else:
+            raise ValueError(f"unknown content part {part!r}")
+    return "\n".join(pieces)
+
+
+def message_turns(messages: Any) -> tuple[list[Turn], list[Any]]:
+    """OpenAI messages: [{"role", "content": str | [{"type": "text"|"image", ...}]}, ...]."""
+    if not isinstance(messages, list):
+        raise ValueError("messages must be a list")
+    inline_images: list[Any] = []
+    turns = [
+        Turn(role_of(m.get("role")), message_text(m.get("content"), inline_images))
+        for m in messages
+    ]
+    return turns, inline_images
+
+
+def answer_text(value: Any) -> str:
+    if isinstance(value, list) and value:  # VQA-style lists of reference answers
+        value = value[0]
+    return text_of(value if isinstance(value, str) else None if value is None else str(value))
+
+
+# -- checks and LLaVA's normalisation ------------------------------------------------------------
+def check_roles(turns: list[Turn]) -> list[Turn]:
+    """An optional system turn, then user and assistant alternating, starting with the user.
+
+    A leading assistant turn is dropped, as LLaVA does.
+    """
+    if not turns:
+        raise ValueError("empty conversation")
+    system = [turns[0]] if turns[0].role == SYSTEM else []
+    dialog = turns[len(system) :]
+    if dialog and dialog[0].role == ASSISTANT:
+        dialog = dialog[1:]
+    if not dialog:
+        raise ValueError("empty conversation (no user turn)")
+    for position, turn in enumerate(dialog):
+        expected = USER if position % 2 == 0 else ASSISTANT
+        if turn.role == SYSTEM:
+            raise ValueError("a system turn may only come first")
+        if turn.role != expected:
+            raise ValueError(f"turn {position} is {turn.role} but {expected} was expected")
+    return system + dialog
+
+
+def place_image_tags(turns: list[Turn], num_images: int, move_single_tag: bool) -> list[Turn]:
+    """Check tags against images; tag untagged images at the start of the first user turn.
+
+    With one image and `move_single_tag` (LLaVA data), the tag moves to the front of its turn
+    followed by a newline, exactly as LLaVA-1.5's preprocessing does.
+    """
+    num_tags = sum(turn.text.count(IMAGE_TOKEN) for turn in turns)
+    if num_tags > num_images:
+        raise ValueError(f"{num_tags} {IMAGE_TOKEN} tags but {num_images} images")
+    if 0 < num_tags < num_images:
+        raise ValueError(f"{num_images} images but only {num_tags} {IMAGE_TOKEN} tags")
+    first_user = next(i for i, turn in enumerate(turns) if turn.role == USER)
+    turns = list(turns)
+    if num_tags == 0 and num_images > 0:
+        text = (IMAGE_TOKEN + "\n") * num_images + turns[first_user].text
+        turns[first_user] = Turn(USER, text)
+    elif num_images == 1 and move_single_tag:
+        at = next(i for i, turn in enumerate(turns) if IMAGE_TOKEN in turn.text)
+        text = turns[at].text.replace(IMAGE_TOKEN, "").strip()
+        turns[at] = Turn(turns[at].role, IMAGE_TOKEN + "\n" + text)
+    return turns
+
+
+# -- rows -> records ------------------------------------------------------------------------
+def row_images(row: dict[str, Any], column: str | None) -> list[Any]:
+    value = row.get(column) if column else None
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def resolve_image(image: Any, base_folder: str | None) -> Any:
+    """Relative paths are taken from the image folder (or the data file's folder)."""
+    if isinstance(image, str) and base_folder and not os.path.isabs(image):
+        return os.path.join(base_folder, image)
+    return image
+
+
+def row_turns(row: dict[str, Any], columns: Columns, images: list[Any]) -> list[Turn]:
+    """The turns of one row; inline message images are appended to `images`."""
+    if columns.kind == "conversations":
+        return llava_turns(row.get(columns.text))
+    if columns.kind == "messages":
+        turns, inline = message_turns(row.get(columns.text))
+        if inline and images:
+            raise ValueError("images both inside the messages and in the images column")
+        images.extend(inline)
+        return turns
+    if columns.kind == "caption":
+        return [
+            Turn(USER, IMAGE_TOKEN * len(images)),
+            Turn(ASSISTANT, answer_text(row.get(columns.text))),
+        ]
+    question = text_of(row.get(columns.text))
+    return [Turn(USER, question), Turn(ASSISTANT, answer_text(row.get(columns.answer)))]
+
+
+def parse_row(
+    row: dict[str, Any],
+    columns: Columns,
+    images: list[Any],
+    source: str,
+    index: int,
+    base_folder: str | None = None,
+    check_files: bool = True,
+) -> Record:
+    """One row as a Record, or BadRecordError naming `source` and `index`."""
+    record_id = row.get("id") if isinstance(row, dict) else None
+    try:
+        images = list(images)
+        turns = check_roles(row_turns(row, columns, images))
+        turns = place_image_tags(turns, len(images), columns.kind == "conversations")
+        images = [resolve_image(image, base_folder) for image in images]
+        for image in images:
+            if check_files and isinstance(image, str) and not os.path.isfile(image):
+                raise ValueError(f"image file {image!r} not found")
+    except (ValueError, AttributeError, TypeError) as error:
+        raise BadRecordError(source, index, str(error), record_id) from None
+    return Record(tuple(turns), tuple(images), source, index, record_id)
+
+
+# -- column layout ----------------------------------------------------------------------------
+def kind_of_text(value: Any) -> str:
+    """conversations, messages or caption, from a sample value of the text column."""
+    if isinstance(value, str):
+        return "caption"
+    first = value[0] if isinstance(value, list) and value else {}
+    return "messages" if isinstance(first, dict) and "role" in first else "conversations"
+
+
+def first_present(names: tuple[str, ...], available: set[str]) -> str | None:
+    return next((name for name in names if name in available), None)
+
+
+def detect_columns(
+    available: set[str],
+    sample: dict[str, Any] | None,
+    text_field: str | None = None,
+    image_field: str | None = None,
+) -> Columns:
+    """The column layout: the flags when given, else the common names."""
+    for name in (text_field, image_field):
+        if name and name not in available:
+            raise ValueError(f"column {name!r} not found; columns: {sorted(available)}")
+    image = image_field or first_present(IMAGE_COLUMNS, available)
+    if text_field:
+        value = (sample or {}).get(text_field)
+        return Columns(kind_of_text(value), text_field, image)
+    conversation = first_present(CONVERSATION_COLUMNS, available)
+    if conversation:
+        kind = "messages" if conversation == "messages" else "conversations"
+        if sample is not None and sample.get(conversation):
+            kind = kind_of_text(sample[conversation])
+        return Columns(kind, conversation, image)
+    caption = first_present(CAPTION_COLUMNS, available)
+    if caption:
+        return Columns("caption", caption, image)
+    question = first_present(QUESTION_COLUMNS, available)
+    answer = first_present(ANSWER_COLUMNS, available)
+    if question and answer:
+        return Columns("qa", question, image, answer)
+    raise ValueError(
+        f"cannot tell the text columns among {sorted(available)}; "
+        "give --dataset_text_field (and --dataset_image_field)"
+    )
+
+
+# -- JSON / JSONL -------------------------------------------------------------------------------
+def read_json_rows(path: str) -> Iterator[tuple[int, Any]]:
+    """(index, row) pairs; an unparsable JSONL line comes as a BadRecordError row."""
+    if path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as f:
+            lines = [line for line in f if line.strip()]
+        for index, line in enumerate(lines):
+            try:
+                yield index, json.loads(line)
+            except json.JSONDecodeError as error:
+                yield index, BadRecordError(path, index, f"invalid JSON: {error}")
+        return
+    with open(path, encoding="utf-8") as f:
+        rows = json.load(f)
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: expected a JSON list of records")
+    yield from enumerate(rows)
+
+
+def json_columns(
+    rows: list[tuple[int, Any]], text_field: str | None, image_field: str | None
+) -> Columns:
+    dicts = [row for _, row in rows if isinstance(row, dict)]
+    available = set().union(*(row.keys() for row in dicts)) if dicts else set()
+    sample = next((row for row in dicts if row.get(text_field or "") or row.get("messages")), None)
+    return detect_columns(
+        available, sample or (dicts[0] if dicts else None), text_field, image_field
+    )
+
+
+def json_records(
+    path: str, image_folder: str | None, text_field: str | None, image_field: str | None
+) -> Iterator[Record | BadRecordError]:
+    rows = list(read_json_rows(path))
+    columns = json_columns(rows, text_field, image_field)
+    base_folder = image_folder or os.path.dirname(os.path.abspath(path))
+    for index, row in rows:
+        if isinstance(row, BadRecordError):
+            yield row
+            continue
+        if not isinstance(row, dict):
+            yield BadRecordError(path, index, "a record must be a JSON object")
+            continue
+        try:
+            yield parse_row(row, columns, row_images(row, columns.image), path, index, base_folder)
+        except BadRecordError as error:
+            yield error
+
+
+# -- Hugging Face datasets (save_to_disk folders, parquet) --------------------------------------
+def is_saved_dataset(path: str) -> bool:
+    names = ("dataset_info.json", "state.json", "dataset_dict.json")
+    return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, n)) for n in names)
+
+
+def parquet_files(path: str) -> list[str]:
+    if os.path.isfile(path) and path.endswith(".parquet"):
+        return [path]
+    return sorted(glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True))
+
+
+def open_hf_dataset(path: str) -> Any:
+    """A `datasets.Dataset` from a save_to_disk folder or parquet files (train split)."""
+    import datasets
+
+    if is_saved_dataset(path):
+        loaded = datasets.load_from_disk(path)
+        if isinstance(loaded, datasets.DatasetDict):
+            loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
+    else:
+        loaded = datasets.Dataset.from_parquet(parquet_files(path))
+    return loaded.flatten_indices() if loaded._indices is not None else loaded
+
+
+def image_cells(dataset: Any, column: str | None, base_folder: str) -> list[list[Any]]:
+    """Per row, its images: paths read now, stored images as lazy DatasetImage references."""
+    if column is None:
+        return [[] for _ in range(len(dataset))]
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    cells = dataset.data.column(column)
+    value_type = cells.type.value_type if pa.types.is_list(cells.type) else cells.type
+    if pa.types.is_string(value_type) or pa.types.is_large_string(value_type):
+        return [row_images({"v": value}, "v") for value in cells.to_pylist()]
+    if pa.types.is_list(cells.type) or pa.types.is_large_list(cells.type):
+        counts = pc.fill_null(pc.list_value_length(cells), 0).to_pylist()
+        return [
+            [DatasetImage(dataset, column, row, k) for k in range(n)]
+            for row, n in enumerate(counts)
+        ]
+    valid = pc.is_valid(cells).to_pylist()
+    return [
+        [DatasetImage(dataset, column, row, None)] if ok else [] for row, ok in enumerate(valid)
+    ]
+
+
+def hf_records(
+    path: str, image_folder: str | None, text_field: str | None, image_field: str | None
+) -> Iterator[Record | BadRecordError]:
+    dataset = open_hf_dataset(path)
+    available = set(dataset.column_names)
+    probe = detect_columns(available, None, text_field, image_field)
+    sample = dataset.data.column(probe.text)[0].as_py() if len(dataset) else None
+    columns = detect_columns(available, {probe.text: sample}, text_field, image_field)
+    text_columns = [c for c in (columns.text, columns.answer) if c]
+    values = {c: dataset.data.column(c).to_pylist() for c in text_columns}
+    base_folder = image_folder or (path if os.path.isdir(path) else os.path.dirname(path))
+    images = image_cells(dataset, columns.image, base_folder)
+    for index in range(len(dataset)):
+        row = {c: values[c][index] for c in text_columns}
+        try:
+            yield parse_row(row, columns, images[index], path, index, base_folder)
+        except BadRecordError as error:
+            yield error
+
+
+# -- entry --------------------------------------------------------------------------------------
+def iter_records(
+    data_path: str,
+    image_folder: str | None = None,
+    text_field: str | None = None,
+    image_field: str | None = None,
+) -> Iterator[Record | BadRecordError]:
+    """Records of any supported format, bad ones as BadRecordError items (not raised)."""
+    if not os.path.exists(data_path):
+        raise FileNotFoundError(f"--data_path {data_path!r} does not exist")
+    if os.path.isfile(data_path) and data_path.endswith((".json", ".jsonl")):
+        return json_records(data_path, image_folder, text_field, image_field)
+    if is_saved_dataset(data_path) or parquet_files(data_path):
+        return hf_records(data_path, image_folder, text_field, image_field)
+    raise ValueError(
+        f"--data_path {data_path!r}: expected a .json/.jsonl file, a save_to_disk folder, "
+        "or parquet files"
+    )
+
+
+def load_records(
+    data_path: str,
+    image_folder: str | None = None,
+    text_field: str | None = None,
+    image_field: str | None = None,
+    skip_bad_records: bool = False,
+) -> LoadedRecords:
+    """All records of a data path; a bad one raises unless `skip_bad_records` (then counted)."""
+    loaded = LoadedRecords(records=[], source=data_path)
+    for item in iter_records(data_path, image_folder, text_field, image_field):
+        if isinstance(item, BadRecordError):
+            if not skip_bad_records:
+                raise item
+            loaded.skipped.append(item)
+        else:
+            loaded.records.append(item)
+    return loaded

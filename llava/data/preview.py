@@ -1,0 +1,179 @@
+"""Show what the model will be trained on, with the supervised spans marked.
+
+    python -m llava.data.preview --data_path data.json --model_name_or_path lmsys/vicuna-7b-v1.5 \
+        --version v1 --image_folder images --vision_tower openai/clip-vit-large-patch14-336
+
+Supervised text is shown between ⟦ and ⟧, each image as <image xN>. `--json` prints one JSON
+object per sample (input_ids, labels, ...) on stdout; the data summary line goes to stderr.
+`--num_image_tokens N` stands in for a vision tower (a CLIP processor of `--image_size`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+from llava.constants import IGNORE_INDEX, IMAGE_END_TOKEN, IMAGE_PLACEHOLDER_ID, IMAGE_START_TOKEN
+from llava.data.dataset import SupervisedDataset, load_supervised_dataset
+
+SUPERVISED_OPEN, SUPERVISED_CLOSE = "⟦", "⟧"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data_path", required=True)
+    parser.add_argument("--model_name_or_path", required=True, help="Where the tokenizer is.")
+    parser.add_argument("--version", default="v1", help="Chat template, as in training.")
+    parser.add_argument("--image_folder", default=None)
+    parser.add_argument("--vision_tower", default=None)
+    parser.add_argument("--mm_vision_select_feature", default="patch")
+    parser.add_argument("--num_image_tokens", type=int, default=None, help="Instead of a tower.")
+    parser.add_argument("--image_size", type=int, default=224, help="With --num_image_tokens.")
+    parser.add_argument("--image_aspect_ratio", default="square", choices=["square", "pad"])
+    parser.add_argument("--model_max_length", type=int, default=2048)
+    parser.add_argument("--dataset_text_field", default=None)
+    parser.add_argument("--dataset_image_field", default=None)
+    parser.add_argument("--skip_bad_records", action="store_true")
+    parser.add_argument("--mm_use_im_start_end", action="store_true")
+    parser.add_argument("--num", type=int, default=3, help="How many samples to show.")
+    parser.add_argument("--json", action="store_true", help="One JSON object per sample.")
+    return parser.parse_args(argv)
+
+
+def image_processor_and_tokens(args: argparse.Namespace) -> tuple[Any, int]:
+    """(processor, num_image_tokens) from --vision_tower, or --num_image_tokens alone."""
+    if args.vision_tower:
+        from llava.model.builder import load_vision_tower_processor
+
+        processor, num_tokens = load_vision_tower_processor(
+            args.vision_tower, args.mm_vision_select_feature
+        )
+        return processor, args.num_image_tokens or num_tokens
+    if args.num_image_tokens:
+        from transformers import CLIPImageProcessor
+
+        size = args.image_size
+        processor = CLIPImageProcessor(
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+        )
+        return processor, args.num_image_tokens
+    return None, 0
+
+
+def load_tokenizer(args: argparse.Namespace) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    if args.mm_use_im_start_end:
+        tokenizer.add_tokens([IMAGE_START_TOKEN, IMAGE_END_TOKEN], special_tokens=True)
+    return tokenizer
+
+
+def runs(input_ids: list[int], labels: list[int]) -> list[tuple[str, list[int]]]:
+    """Consecutive (kind, ids) runs; kind is image, supervised or prompt."""
+    result: list[tuple[str, list[int]]] = []
+    for token, label in zip(input_ids, labels):
+        kind = "image" if token == IMAGE_PLACEHOLDER_ID else "prompt"
+        kind = "supervised" if label != IGNORE_INDEX else kind
+        if result and result[-1][0] == kind:
+            result[-1][1].append(token)
+        else:
+            result.append((kind, [token]))
+    return result
+
+
+def decode(tokenizer: Any, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def render_marked(tokenizer: Any, input_ids: list[int], labels: list[int]) -> str:
+    """The sample as text: supervised runs in ⟦ ⟧, images as <image xN>.
+
+    Text between two images is decoded as a whole and cut at the run boundaries, so spaces
+    that sentencepiece keeps inside a token show where they are.
+    """
+    pieces, text_runs = [], []
+
+    def flush() -> None:
+        ids: list[int] = []
+        previous = ""
+        for kind, run in text_runs:
+            ids += run
+            text = decode(tokenizer, ids)
+            piece = text[len(previous) :] if text.startswith(previous) else decode(tokenizer, run)
+            previous = text
+            marked = SUPERVISED_OPEN + piece + SUPERVISED_CLOSE if kind == "supervised" else piece
+            pieces.append(marked)
+        text_runs.clear()
+
+    for kind, run in runs(input_ids, labels):
+        if kind == "image":
+            flush()
+            pieces.append(f"<image x{len(run)}>")
+        else:
+            text_runs.append((kind, run))
+    flush()
+    return "".join(pieces)
+
+
+def describe(dataset: SupervisedDataset, tokenizer: Any, i: int) -> dict[str, Any]:
+    record, _ = dataset.samples[i]
+    sample = dataset[i]
+    input_ids, labels = sample["input_ids"].tolist(), sample["labels"].tolist()
+    pixels = sample["pixel_values"]
+    return {
+        "sample": i,
+        "source": record.source,
+        "record_index": record.index,
+        "id": record.id,
+        "modality": dataset.modalities[i],
+        "length": len(input_ids),
+        "num_images": 0 if pixels is None else int(pixels.shape[0]),
+        "pixel_values_shape": None if pixels is None else list(pixels.shape),
+        "num_supervised": sum(label != IGNORE_INDEX for label in labels),
+        "input_ids": input_ids,
+        "labels": labels,
+        "text": render_marked(tokenizer, input_ids, labels),
+    }
+
+
+def show(info: dict[str, Any]) -> str:
+    header = (
+        f"=== sample {info['sample']}: {info['source']} record {info['record_index']}"
+        f" (id {info['id']}) | {info['modality']} | {info['length']} tokens, "
+        f"{info['num_images']} images {info['pixel_values_shape'] or ''}, "
+        f"{info['num_supervised']} supervised"
+    )
+    return header + "\n" + info["text"] + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    args = parse_args(argv)
+    tokenizer = load_tokenizer(args)
+    processor, num_image_tokens = image_processor_and_tokens(args)
+    dataset = load_supervised_dataset(
+        args.data_path,
+        tokenizer,
+        args.version,
+        args.model_max_length,
+        image_processor=processor,
+        num_image_tokens=num_image_tokens,
+        image_folder=args.image_folder,
+        image_aspect_ratio=args.image_aspect_ratio,
+        dataset_text_field=args.dataset_text_field,
+        dataset_image_field=args.dataset_image_field,
+        skip_bad_records=args.skip_bad_records,
+        mm_use_im_start_end=args.mm_use_im_start_end,
+    )
+    for i in range(min(args.num, len(dataset))):
+        info = describe(dataset, tokenizer, i)
+        print(json.dumps(info, ensure_ascii=False) if args.json else show(info), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""`python -m llava.data.preview`: marked text and --json records."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from llava.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
+from llava.data.preview import main
+from tests.test_data_formats import llava_row, write_image, write_rows
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def data_args(tmp_path, tokenizer_paths) -> list[str]:
+    write_image(str(tmp_path / "a.png"))
+    rows = [llava_row(0, "a.png"), llava_row(1, None, [("human", "Hi?"), ("gpt", "Hello there.")])]
+    return [
+        "--data_path",
+        write_rows(str(tmp_path), rows),
+        "--model_name_or_path",
+        tokenizer_paths["sp"],
+        "--image_folder",
+        str(tmp_path),
+        "--num_image_tokens",
+        "4",
+        "--image_size",
+        "32",
+    ]
+
+
+def test_json_records_hold_ids_and_labels(data_args, capsys, caplog):
+    assert main([*data_args, "--version", "v1", "--json", "--image_aspect_ratio", "pad"]) == 0
+    captured = capsys.readouterr()
+    first, second = [json.loads(line) for line in captured.out.splitlines()]
+    assert first["record_index"] == 0 and first["id"] == "r0" and first["modality"] == "image"
+    assert first["input_ids"].count(IMAGE_PLACEHOLDER_ID) == 4
+    assert first["pixel_values_shape"] == [1, 3, 32, 32]
+    assert len(first["labels"]) == len(first["input_ids"]) == first["length"]
+    supervised = [
+        t for t, label in zip(first["input_ids"], first["labels"]) if label != IGNORE_INDEX
+    ]
+    assert first["num_supervised"] == len(supervised) > 0
+    assert "⟦ A cat.</s>⟧" in first["text"] and "<image x4>" in first["text"]
+    assert second["modality"] == "text" and second["pixel_values_shape"] is None
+    assert "2 records -> 2 samples" in caplog.text  # the summary line (stderr outside pytest)
+
+
+def test_text_view_marks_supervised_spans(data_args, capsys):
+    assert main([*data_args, "--version", "plain", "--num", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("=== sample") == 1
+    assert "<image x4>⟦A cat.\n⟧" in out
+
+
+def test_runs_as_a_module(data_args):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llava.data.preview",
+            *data_args,
+            "--version",
+            "v1",
+            "--json",
+            "--num",
+            "1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(result.stdout)["record_index"] == 0
+    assert "2 records -> 2 samples" in result.stderr
