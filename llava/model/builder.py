@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -10,6 +12,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from llava.model.config import LlavaConfig
 from llava.model.llava import LlavaForCausalLM
 from llava.model.vision_tower import describe_vision_tower, load_vision_tower
+from llava.model.weights import (
+    NON_LORA_TRAINABLES_FILE,
+    PROJECTOR_FILE,
+    read_non_lora_trainables,
+    read_projector_file,
+)
 
 
 def load_vision_tower_processor(
@@ -76,3 +84,147 @@ def load_tokenizer(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a trained checkpoint, whatever kind it is, decided from the files it holds.
+
+CHECKPOINT_KINDS = ("full", "lora", "projector")
+
+
+def checkpoint_kind(model_path: str) -> str:
+    """'full' (weights + config), 'lora' (adapter + non-LoRA trainables) or 'projector'."""
+    if not os.path.isdir(model_path):
+        raise FileNotFoundError(f"No checkpoint folder at {model_path!r}")
+    files = set(os.listdir(model_path))
+    if "adapter_config.json" in files:
+        return "lora"
+    if any(name.startswith("model") and name.endswith((".safetensors", ".bin")) for name in files):
+        return "full"
+    if PROJECTOR_FILE in files:
+        return "projector"
+    raise ValueError(
+        f"{model_path!r} is not a checkpoint this project wrote: it has neither model weights, "
+        f"adapter_config.json nor {PROJECTOR_FILE} (files: {sorted(files)})"
+    )
+
+
+@dataclass
+class LoadedModel:
+    tokenizer: PreTrainedTokenizerBase
+    model: LlavaForCausalLM
+    image_processor: Any
+    context_length: int
+
+
+def has_tokenizer(folder: str) -> bool:
+    names = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
+    return any(os.path.exists(os.path.join(folder, name)) for name in names)
+
+
+def base_with_saved_config(
+    model_path: str,
+    model_base: str | None,
+    vision_tower: str | None,
+    torch_dtype: torch.dtype | None,
+    language_model_kwargs: dict[str, Any],
+) -> LlavaForCausalLM:
+    """The base LLM + tower named in a partial checkpoint's config, with a fresh projector."""
+    if model_base is None:
+        raise ValueError(
+            f"{model_path!r} holds only part of a model; pass --model-base with the language "
+            "model it was trained from"
+        )
+    config = LlavaConfig.from_pretrained(model_path)
+    tower = vision_tower or config.mm_vision_tower
+    if not tower.startswith("open_clip:") and not os.path.exists(tower) and os.path.isabs(tower):
+        raise FileNotFoundError(
+            f"The vision tower this checkpoint was trained with, {tower!r}, is gone; pass "
+            "--vision-tower with its new location"
+        )
+    return build_llava_model(
+        model_base,
+        tower,
+        mm_projector_type=config.mm_projector_type,
+        mm_vision_select_layer=config.mm_vision_select_layer,
+        mm_vision_select_feature=config.mm_vision_select_feature,
+        torch_dtype=torch_dtype,
+        language_model_kwargs=language_model_kwargs,
+    )
+
+
+def resize_to_tokenizer(model: LlavaForCausalLM, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Tokens added in training (--mm_use_im_start_end) need their embedding rows back."""
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.language_model.resize_token_embeddings(len(tokenizer))
+
+
+def load_pretrained_model(
+    model_path: str,
+    model_base: str | None = None,
+    load_8bit: bool = False,
+    load_4bit: bool = False,
+    torch_dtype: torch.dtype | None = None,
+    vision_tower: str | None = None,
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
+    """Open a full, LoRA (over `model_base`) or stage-1 projector (over `model_base`) checkpoint.
+
+    The kind is decided from the files in `model_path`, never from its name. LoRA adapters
+    are merged into the base weights for inference.
+    """
+    kind = checkpoint_kind(model_path)
+    language_model_kwargs = quantized_loading_kwargs(load_8bit, load_4bit)
+    tokenizer_path = model_path if has_tokenizer(model_path) else model_base
+    if tokenizer_path is None:
+        raise ValueError(f"{model_path!r} has no tokenizer; pass --model-base")
+    tokenizer = load_tokenizer(tokenizer_path)
+    if kind == "full":
+        model = LlavaForCausalLM.from_pretrained(
+            model_path, torch_dtype=torch_dtype, **language_model_kwargs
+        )
+    else:
+        model = base_with_saved_config(
+            model_path, model_base, vision_tower, torch_dtype, language_model_kwargs
+        )
+        resize_to_tokenizer(model, tokenizer)
+        if kind == "projector":
+            model.projector.load_state_dict(
+                read_projector_file(os.path.join(model_path, PROJECTOR_FILE))
+            )
+        else:
+            model = merge_lora_checkpoint(model, model_path)
+    model.to(device).eval()
+    context_length = getattr(model.config.text_config, "max_position_embeddings", 2048)
+    return LoadedModel(tokenizer, model, model.vision_tower.image_processor, context_length)
+
+
+def merge_lora_checkpoint(model: LlavaForCausalLM, model_path: str) -> LlavaForCausalLM:
+    """Load non_lora_trainables.bin and the adapter onto the base, then merge the adapter."""
+    from peft import PeftModel
+
+    non_lora = read_non_lora_trainables(os.path.join(model_path, NON_LORA_TRAINABLES_FILE))
+    missing = sorted(set(non_lora) - set(model.state_dict()))
+    if missing:
+        raise ValueError(f"{model_path}: non-LoRA weights for unknown parameters {missing[:5]}")
+    model.load_state_dict(non_lora, strict=False)
+    model = PeftModel.from_pretrained(model, model_path)
+    return model.merge_and_unload()
+
+
+def quantized_loading_kwargs(load_8bit: bool, load_4bit: bool) -> dict[str, Any]:
+    if not (load_8bit or load_4bit):
+        return {}
+    if not torch.cuda.is_available():
+        raise ValueError("--load-8bit / --load-4bit need bitsandbytes on a CUDA GPU")
+    from transformers import BitsAndBytesConfig
+
+    return {
+        "quantization_config": BitsAndBytesConfig(
+            load_in_8bit=load_8bit,
+            load_in_4bit=load_4bit,
+            bnb_4bit_compute_dtype=torch.float16,
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_quant_type="nf4",
+        )
+    }

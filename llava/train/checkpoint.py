@@ -14,6 +14,7 @@ from llava.model.weights import (
     PROJECTOR_FILE,
     non_lora_file_key,
     projector_file_state,
+    read_non_lora_trainables,
     read_projector_file,
 )
 
@@ -97,6 +98,20 @@ def save_non_lora_trainables(model: nn.Module, folder: str, write: bool) -> None
         os.makedirs(folder, exist_ok=True)
         file_state = {non_lora_file_key(name): value for name, value in state.items()}
         torch.save(file_state, os.path.join(folder, NON_LORA_TRAINABLES_FILE))
+
+
+def load_non_lora_trainables(model: nn.Module, path: str) -> None:
+    """Load non_lora_trainables.bin into the (un-wrapped) model; every key must exist."""
+    base = unwrap_base(model)
+    state = read_non_lora_trainables(path)
+    parameters = dict(base.named_parameters())
+    unknown = sorted(set(state) - set(parameters))
+    if unknown:
+        raise ValueError(f"{path} holds parameters this model does not have: {unknown[:5]}")
+    targets = [parameters[name] for name in state]
+    with gathered(targets, modifier_rank=0), torch.no_grad():
+        for name, value in state.items():
+            parameters[name].copy_(value.to(parameters[name].dtype))
 
 
 def mark_complete(folder: str) -> None:

@@ -128,7 +128,8 @@ def build_data(model: LlavaForCausalLM, tokenizer, model_args, data_args, args):
     )
 
 
-def train(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments) -> None:
+def train(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments):
+    """Run one stage end to end; returns the trainer (its model, state and logs)."""
     transformers.set_seed(args.seed)  # every rank builds the same fresh projector
     if args.gradient_checkpointing and args.gradient_checkpointing_kwargs is None:
         args.gradient_checkpointing_kwargs = {"use_reentrant": False}
@@ -155,6 +156,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: TrainingAr
     trainer.train(resume_from_checkpoint=resume_checkpoint(args))
     trainer.save_state()
     trainer.save_model(args.output_dir)
+    return trainer
 
 
 def main(argv: list[str] | None = None) -> None:

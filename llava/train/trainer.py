@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from llava.model.weights import PROJECTOR_FILE
+from llava.model.weights import NON_LORA_TRAINABLES_FILE, PROJECTOR_FILE
 from llava.train.checkpoint import (
+    load_non_lora_trainables,
     load_projector,
     mark_complete,
     save_non_lora_trainables,
@@ -99,12 +100,19 @@ class LlavaTrainerMixin:
             mark_complete(folder)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        """Stage-1 checkpoints hold only the projector; the rest of the model is the base."""
-        projector_file = os.path.join(resume_from_checkpoint, PROJECTOR_FILE)
-        if self.stage_plan.name.startswith("pretrain") and self.is_deepspeed_enabled is False:
-            load_projector(model if model is not None else self.model, projector_file)
+        """Resume without DeepSpeed (with it, the engine's own checkpoint holds everything).
+
+        A stage-1 checkpoint holds only the projector; a LoRA one the adapters, with the
+        projector in non_lora_trainables.bin.
+        """
+        target = model if model is not None else self.model
+        if self.stage_plan.name.startswith("pretrain"):
+            load_projector(target, os.path.join(resume_from_checkpoint, PROJECTOR_FILE))
             return
         super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.stage_plan.lora:
+            path = os.path.join(resume_from_checkpoint, NON_LORA_TRAINABLES_FILE)
+            load_non_lora_trainables(target, path)
 
 
 def is_projector_name(name: str) -> bool:

@@ -1,0 +1,85 @@
+"""Export to a transformers LlavaForConditionalGeneration folder (model, processor, template).
+
+    python -m llava.export_hf --model-path P [--model-base B] --output-dir D
+
+Only models with an HF CLIP/SigLIP tower and an mlp2x_gelu projector have an equivalent there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+from llava.constants import IMAGE_TOKEN
+from llava.model.builder import load_pretrained_model
+from llava.model.hf_llava import check_exportable, hf_llava_config, hf_llava_state_dict
+
+
+def add_image_token(model, tokenizer) -> int:
+    """Give <image> a token id; its new embedding and output rows are zero (never predicted
+    from a trained row, and its input embedding is always replaced by image features)."""
+    if IMAGE_TOKEN in tokenizer.get_vocab():
+        return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    old_rows = model.get_input_embeddings().weight.shape[0]
+    if image_token_id >= old_rows:
+        model.language_model.resize_token_embeddings(image_token_id + 1, mean_resizing=False)
+        with torch.no_grad():
+            model.get_input_embeddings().weight[old_rows:] = 0
+            model.get_output_embeddings().weight[old_rows:] = 0
+        model.config.text_config.vocab_size = image_token_id + 1
+    return image_token_id
+
+
+def patch_size(model) -> int:
+    return model.config.vision_tower_config["vision_config"]["patch_size"]
+
+
+def export(
+    model_path: str,
+    output_dir: str,
+    model_base: str | None = None,
+    chat_template: str | None = None,
+) -> None:
+    if os.path.exists(output_dir) and os.listdir(output_dir):
+        raise FileExistsError(f"{output_dir!r} exists and is not empty; nothing was written")
+    loaded = load_pretrained_model(model_path, model_base)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    check_exportable(model.config)
+    image_token_id = add_image_token(model, tokenizer)
+    config = hf_llava_config(model.config, image_token_id)
+    hf_model = LlavaForConditionalGeneration(config)
+    missing, unexpected = hf_model.load_state_dict(
+        hf_llava_state_dict(model.state_dict()), strict=False
+    )
+    if missing or unexpected:
+        raise RuntimeError(f"Export mapping incomplete: missing {missing}, unexpected {unexpected}")
+    strategy = config.vision_feature_select_strategy
+    processor = LlavaProcessor(
+        image_processor=loaded.image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size(model),
+        vision_feature_select_strategy=strategy,
+        num_additional_image_tokens=int(model.config.vision_tower_config["tower_type"] == "clip"),
+        image_token=IMAGE_TOKEN,
+        chat_template=chat_template,
+    )
+    hf_model.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-path", required=True)
+    parser.add_argument("--model-base", default=None)
+    parser.add_argument("--output-dir", required=True)
+    args = parser.parse_args(argv)
+    export(args.model_path, args.output_dir, args.model_base)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Chat about an image in the terminal, with the answer streamed token by token.
+
+    python -m llava.serve.cli --model-path P [--model-base B] --image-file IMG \
+        [--conv-mode v1] [--temperature 0.2] [--max-new-tokens 512]
+
+An empty line (or end of input) ends the chat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from transformers import TextStreamer
+
+from llava.conversation import ASSISTANT, USER, Turn
+from llava.inference import Answerer, sampling_kwargs, with_image_tag
+from llava.model.builder import load_pretrained_model
+
+
+def chat(answerer: Answerer, image_file: str, generate_kwargs: dict, read=input, write=print):
+    """The chat loop: the image goes with the first question; history grows turn by turn."""
+    turns: list[Turn] = []
+    streamer = TextStreamer(answerer.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    while True:
+        try:
+            question = read(f"{USER.upper()}: ")
+        except EOFError:
+            question = ""
+        if not question.strip():
+            return turns
+        text = question if turns else with_image_tag(question, 1)
+        turns.append(Turn(USER, text))
+        write(f"{ASSISTANT.upper()}: ", end="", flush=True)
+        prompt = answerer.prompt(turns, [image_file])
+        answer = answerer.generate([prompt], streamer=streamer, **generate_kwargs)[0]
+        turns.append(Turn(ASSISTANT, answer))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-path", required=True)
+    parser.add_argument("--model-base", default=None)
+    parser.add_argument("--image-file", required=True)
+    parser.add_argument("--conv-mode", default="v1")
+    parser.add_argument("--temperature", type=float, default=0.2)
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    if not os.path.isfile(args.image_file):
+        sys.exit(f"--image-file {args.image_file!r} does not exist")
+    loaded = load_pretrained_model(args.model_path, args.model_base, device=args.device)
+    chat(
+        Answerer(loaded, args.conv_mode),
+        args.image_file,
+        sampling_kwargs(args.temperature, None, 1, args.max_new_tokens),
+    )
+
+
+if __name__ == "__main__":
+    main()

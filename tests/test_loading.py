@@ -1,0 +1,171 @@
+"""Each checkpoint kind loads from its files; merge and export give the same outputs."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from llava.constants import IMAGE_PLACEHOLDER_ID
+from llava.export_hf import export
+from llava.model.builder import build_llava_model, checkpoint_kind, load_pretrained_model
+from llava.train.checkpoint import save_non_lora_trainables, save_projector
+from llava.train.lora import add_lora
+from llava.train.stages import apply_stage, plan_stage
+from tests.fixtures.models import TINY_IMAGE_SIZE, save_tiny_llm
+from tests.fixtures.tokenizers import save_sentencepiece_llama_tokenizer
+
+
+def load_merge_script():
+    """scripts/ is not a package: load the merge script from its file."""
+    path = os.path.join(
+        os.path.dirname(os.path.dirname(__file__)), "scripts", "merge_lora_weights.py"
+    )
+    spec = importlib.util.spec_from_file_location("merge_lora_weights", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+merge = load_merge_script().merge
+
+
+@pytest.fixture(scope="module")
+def base_llm(tmp_path_factory) -> str:
+    """A tiny Llama with its tokenizer beside it, as a real base model folder has."""
+    folder = str(tmp_path_factory.mktemp("base_llm"))
+    save_tiny_llm(folder, "llama")
+    save_sentencepiece_llama_tokenizer(folder, legacy=False)
+    return folder
+
+
+def prompt_inputs(model) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    num = model.num_image_tokens
+    return {
+        "input_ids": torch.tensor([[1, 40, 41] + [IMAGE_PLACEHOLDER_ID] * num + [42, 43]]),
+        "pixel_values": torch.randn(1, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, generator=generator),
+    }
+
+
+def logits_of(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def perturb(module: torch.nn.Module, seed: int) -> None:
+    """Move weights away from their initial values, as training would."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+
+
+def test_full_checkpoint_loads_on_its_own(base_llm, tiny_clip_path, tmp_path):
+    model = build_llava_model(base_llm, tiny_clip_path).eval()
+    perturb(model.projector, 1)
+    model.save_pretrained(tmp_path)
+    assert checkpoint_kind(str(tmp_path)) == "full"
+    with pytest.raises(ValueError, match="has no tokenizer"):
+        load_pretrained_model(str(tmp_path))
+    loaded = load_pretrained_model(str(tmp_path), model_base=base_llm)
+    inputs = prompt_inputs(model)
+    assert torch.equal(logits_of(loaded.model, inputs), logits_of(model, inputs))
+    assert loaded.context_length == 512
+
+
+def test_projector_checkpoint_loads_over_its_base(base_llm, tiny_clip_path, tmp_path):
+    model = build_llava_model(base_llm, tiny_clip_path).eval()
+    perturb(model.projector, 2)
+    save_projector(model, str(tmp_path), write=True)
+    model.config.save_pretrained(tmp_path)
+    assert checkpoint_kind(str(tmp_path)) == "projector"
+    with pytest.raises(ValueError, match="pass --model-base"):
+        load_pretrained_model(str(tmp_path))
+    loaded = load_pretrained_model(str(tmp_path), model_base=base_llm)
+    inputs = prompt_inputs(model)
+    assert torch.equal(logits_of(loaded.model, inputs), logits_of(model, inputs))
+
+
+@pytest.fixture
+def lora_checkpoint(base_llm, tiny_clip_path, tmp_path):
+    """A LoRA checkpoint as training writes it, and the peft model it came from."""
+    model = build_llava_model(base_llm, tiny_clip_path)
+    apply_stage(model, plan_stage(False, True, False, False, False))
+    wrapped = add_lora(model, r=4, alpha=8, dropout=0.0, bias="none")
+    perturb(model.projector, 3)
+    for name, parameter in wrapped.named_parameters():
+        if "lora_B" in name:  # lora_B starts at zero: give the adapter an effect
+            perturb(torch.nn.ParameterList([parameter]), 4)
+    folder = tmp_path / "lora"
+    wrapped.save_pretrained(folder)
+    save_non_lora_trainables(wrapped, str(folder), write=True)
+    model.config.save_pretrained(folder)
+    return str(folder), wrapped.eval()
+
+
+def test_lora_checkpoint_loads_with_the_same_outputs(lora_checkpoint, base_llm):
+    folder, wrapped = lora_checkpoint
+    assert checkpoint_kind(folder) == "lora"
+    loaded = load_pretrained_model(folder, model_base=base_llm)
+    inputs = prompt_inputs(loaded.model)
+    expected = logits_of(wrapped, inputs)
+    assert torch.allclose(logits_of(loaded.model, inputs), expected, atol=1e-5)
+
+
+def test_merge_then_load_equals_base_plus_adapter(lora_checkpoint, base_llm, tmp_path):
+    folder, wrapped = lora_checkpoint
+    merged = str(tmp_path / "merged")
+    merge(folder, base_llm, merged)
+    assert checkpoint_kind(merged) == "full"
+    loaded = load_pretrained_model(merged)  # no base needed any more
+    inputs = prompt_inputs(loaded.model)
+    assert torch.allclose(logits_of(loaded.model, inputs), logits_of(wrapped, inputs), atol=1e-5)
+    with pytest.raises(FileExistsError, match="nothing was written"):
+        merge(folder, base_llm, merged)
+
+
+def test_a_folder_without_a_checkpoint_is_named(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match=r"not a checkpoint .*files: \['notes.txt'\]"):
+        checkpoint_kind(str(tmp_path))
+    with pytest.raises(FileNotFoundError):
+        checkpoint_kind(str(tmp_path / "absent"))
+
+
+@pytest.mark.parametrize("tower", ["clip", "siglip"])
+def test_export_loads_in_plain_transformers_with_the_same_logits(
+    tower, base_llm, tiny_towers, tmp_path
+):
+    model = build_llava_model(base_llm, tiny_towers[tower]).eval()
+    perturb(model.projector, 5)
+    source = tmp_path / "model"
+    model.save_pretrained(source)
+    loaded_tokenizer = load_pretrained_model(str(source), model_base=base_llm).tokenizer
+    loaded_tokenizer.save_pretrained(source)
+    out = tmp_path / "hf"
+    export(str(source), str(out))
+
+    hf_model = LlavaForConditionalGeneration.from_pretrained(out).eval()
+    processor = AutoProcessor.from_pretrained(out)
+    image = (torch.rand(TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, 3) * 255).to(torch.uint8).numpy()
+    batch = processor(images=image, text="look <image> here", return_tensors="pt")
+    image_token_id = hf_model.config.image_token_index
+    ours_ids = batch["input_ids"].masked_fill(
+        batch["input_ids"] == image_token_id, IMAGE_PLACEHOLDER_ID
+    )
+    assert int((ours_ids == IMAGE_PLACEHOLDER_ID).sum()) == model.num_image_tokens
+    with torch.no_grad():
+        theirs = hf_model(**batch).logits
+        ours = model(input_ids=ours_ids, pixel_values=batch["pixel_values"]).logits
+    vocab = ours.shape[-1]
+    assert torch.allclose(theirs[..., :vocab], ours, atol=1e-5)
+    their_answer = hf_model.generate(**batch, max_new_tokens=5, do_sample=False)
+    our_answer = model.generate(
+        input_ids=ours_ids, pixel_values=batch["pixel_values"], max_new_tokens=5, do_sample=False
+    )
+    assert torch.equal(their_answer[:, batch["input_ids"].shape[1] :], our_answer)
+    assert os.path.exists(out / "preprocessor_config.json")
