@@ -144,13 +144,22 @@ def test_gradients_reach_only_trainable_parts(tiny_llama_path, tiny_clip_path):
     assert all(p.grad is None for p in frozen)
 
 
-def test_text_only_batch_keeps_the_projector_in_the_graph(tiny_llama_path, tiny_clip_path):
+def test_text_only_batch_runs_the_whole_image_path(tiny_llama_path, tiny_clip_path):
+    """ZeRO-3 gathers the tower's weights collectively: a text-only rank must run it too."""
     model = build_llava_model(tiny_llama_path, tiny_clip_path).train()
+    tower_calls = []
+    model.vision_tower.register_forward_hook(lambda *_: tower_calls.append(1))
     input_ids = torch.tensor([[1, 30, 31, 32]])
     labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 31, 32]])
-    model(input_ids=input_ids, labels=labels).loss.backward()
+    loss = model(input_ids=input_ids, labels=labels).loss
+    loss.backward()
+    assert tower_calls == [1]
     assert all(p.grad is not None for p in model.projector.parameters())
     assert all(torch.count_nonzero(p.grad) == 0 for p in model.projector.parameters())
+    with torch.no_grad():  # the blank image changes nothing: same loss as the plain LM's
+        logits = model.language_model(input_ids=input_ids).logits
+        reference = torch.nn.functional.cross_entropy(logits[0, 1:3], labels[0, 2:])
+    assert torch.allclose(loss, reference, atol=1e-6)
 
 
 def test_without_labels_the_model_returns_logits(model):

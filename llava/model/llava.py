@@ -150,7 +150,7 @@ class LlavaForCausalLM(PreTrainedModel):
                     "pixel_values were given"
                 )
             if torch.is_grad_enabled() and self.training:
-                embeds = embeds + 0.0 * self.projector_dummy_output(embeds)
+                embeds = embeds + 0.0 * self.image_path_dummy_output(embeds)
             return embeds
         image_features = self.encode_images(pixel_values)  # (N, P, D)
         num_tokens = int(image_mask.sum())
@@ -163,14 +163,16 @@ class LlavaForCausalLM(PreTrainedModel):
             )
         return embeds.masked_scatter(image_mask.unsqueeze(-1), image_features.to(embeds.dtype))
 
-    def projector_dummy_output(self, like: torch.Tensor) -> torch.Tensor:
-        """A zero-valued scalar that depends on every projector weight.
+    def image_path_dummy_output(self, like: torch.Tensor) -> torch.Tensor:
+        """A scalar that depends on the whole image path: one blank image through tower and projector.
 
-        Added to text-only batches so the projector stays in the graph: DDP and DeepSpeed
-        expect a gradient for every trainable parameter on every rank.
+        Multiplied by zero and added to text-only batches, so every rank runs the same modules
+        whatever its batch holds: ZeRO-3 gathers each module's partitioned weights collectively
+        (a rank that skipped the tower would hang the others), and DDP and DeepSpeed expect a
+        gradient for every trainable parameter (the projector) on every rank.
         """
-        dummy = like.new_zeros(1, self.vision_tower.hidden_size, dtype=self.projector_dtype)
-        return self.projector(dummy).sum().to(like.dtype)
+        blank = self.vision_tower.blank_pixel_values(like.device)  # (1, 3, H, W)
+        return self.encode_images(blank).sum().to(like.dtype)
 
     # -- forward and generate -----------------------------------------------------------------
     def forward(

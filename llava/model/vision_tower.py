@@ -69,6 +69,7 @@ class VisionTower(nn.Module):
     tower_type: str
     num_image_tokens: int
     hidden_size: int
+    image_size: tuple[int, int]  # (height, width) of the pixels the tower takes
     image_processor: Any
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -79,6 +80,11 @@ class VisionTower(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
+
+    def blank_pixel_values(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """One all-zero image of the size the tower takes: (1, 3, H, W)."""
+        height, width = self.image_size
+        return torch.zeros(1, 3, height, width, device=device, dtype=self.dtype)
 
     def config_dict(self) -> dict[str, Any]:
         """What LlavaConfig stores to rebuild this tower without its original checkpoint."""
@@ -112,6 +118,7 @@ class HFVisionTower(VisionTower):
         self.select_layer = select_layer
         self.select_feature = select_feature
         self.hidden_size = config.hidden_size
+        self.image_size = (config.image_size, config.image_size)
         num_patches = (config.image_size // config.patch_size) ** 2
         self.num_image_tokens = num_patches + int(select_feature == "cls_patch")
         self.drop_cls = kind.has_cls_token and select_feature == "patch"
@@ -159,6 +166,7 @@ class OpenClipVisionTower(VisionTower):
         self.select_feature = select_feature
         self.block_index = state_index - 1
         self.hidden_size = visual.transformer.width
+        self.image_size = tuple(visual.image_size)
         grid = visual.grid_size
         self.num_image_tokens = grid[0] * grid[1] + int(select_feature == "cls_patch")
 
