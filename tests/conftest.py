@@ -2,3 +2,4 @@
 
 from tests.fixtures.models import *  # noqa: F403
 from tests.fixtures.tokenizers import *  # noqa: F403
+from tests.fixtures.training import *  # noqa: F403

@@ -9,7 +9,10 @@ only in `__getitem__`. Bad records raise `BadRecordError` naming file and index,
 
 from __future__ import annotations
 
+import copy
 import logging
+import math
+import random
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -180,6 +183,14 @@ class SupervisedDataset(Dataset):
                 )
         raise RuntimeError("every sample of this modality is bad")
 
+    def select(self, indices: list[int]) -> SupervisedDataset:
+        """A dataset of the given samples (same tokenizer, images and policy), in that order."""
+        subset = copy.copy(self)
+        subset.samples = [self.samples[i] for i in indices]
+        subset.lengths = [self.lengths[i] for i in indices]
+        subset.modalities = [self.modalities[i] for i in indices]
+        return subset
+
     def next_of_same_modality(self, i: int, attempt: int) -> int:
         if attempt == 0:
             return i
@@ -221,6 +232,21 @@ def load_supervised_dataset(
         skip_bad_records=skip_bad_records,
         summary=summary,
     )
+
+
+def split_for_validation(
+    dataset: SupervisedDataset, percentage: float, seed: int
+) -> tuple[SupervisedDataset, SupervisedDataset]:
+    """(train, validation): a seeded `percentage`% of the samples held out, at least one."""
+    if not 0 < percentage < 100:
+        raise ValueError(f"--validation_split_percentage must be in (0, 100), not {percentage}")
+    if len(dataset) < 2:
+        raise ValueError(f"cannot hold out a validation split from {len(dataset)} sample(s)")
+    order = list(range(len(dataset)))
+    random.Random(seed).shuffle(order)
+    num_validation = max(1, math.floor(len(dataset) * percentage / 100))
+    validation, train = sorted(order[:num_validation]), sorted(order[num_validation:])
+    return dataset.select(train), dataset.select(validation)
 
 
 def build_supervised_data(

@@ -76,6 +76,13 @@ class DataArguments:
     dataset_image_field: str | None = field(
         default=None, metadata={"help": "Column with the images of a dataset."}
     )
+    validation_split_percentage: float = field(
+        default=0.0,
+        metadata={
+            "help": "Hold out this percentage of the data (seeded) and report its loss and "
+            "perplexity at each --eval_strategy point, or once at the end when it is 'no'."
+        },
+    )
     skip_bad_records: bool = field(
         default=False, metadata={"help": "Skip (and count) bad records instead of failing."}
     )

@@ -115,9 +115,10 @@ def resume_checkpoint(args: TrainingArguments) -> str | None:
 
 
 def build_data(model: LlavaForCausalLM, tokenizer, model_args, data_args, args):
-    from llava.data.dataset import build_supervised_data
+    """(train dataset, validation dataset or None, collator)."""
+    from llava.data.dataset import build_supervised_data, split_for_validation
 
-    return build_supervised_data(
+    dataset, collator = build_supervised_data(
         tokenizer=tokenizer,
         image_processor=model.vision_tower.image_processor,
         num_image_tokens=model.num_image_tokens,
@@ -126,6 +127,12 @@ def build_data(model: LlavaForCausalLM, tokenizer, model_args, data_args, args):
         model_max_length=args.model_max_length,
         mm_use_im_start_end=model_args.mm_use_im_start_end,
     )
+    if not data_args.validation_split_percentage:
+        return dataset, None, collator
+    train_dataset, validation_dataset = split_for_validation(
+        dataset, data_args.validation_split_percentage, args.data_seed or args.seed
+    )
+    return train_dataset, validation_dataset, collator
 
 
 def train(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments):
@@ -142,18 +149,26 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: TrainingAr
     if args.should_log:
         logger.warning("Stage: %s\n%s", plan.name, trainable_table(model))
 
-    train_dataset, collator = build_data(model, tokenizer, model_args, data_args, args)
+    train_dataset, validation_dataset, collator = build_data(
+        model, tokenizer, model_args, data_args, args
+    )
     from llava.train.trainer import LlavaTrainer
 
     trainer = LlavaTrainer(
         model=model,
         args=args,
         train_dataset=train_dataset,
+        eval_dataset=validation_dataset,
         data_collator=collator,
         processing_class=tokenizer,
         stage_plan=plan,
     )
-    trainer.train(resume_from_checkpoint=resume_checkpoint(args))
+    checkpoint = resume_checkpoint(args)
+    if checkpoint is not None and args.should_log:
+        logger.warning("Resuming from %s", checkpoint)
+    trainer.train(resume_from_checkpoint=checkpoint)
+    if validation_dataset is not None and args.eval_strategy == "no":
+        trainer.evaluate()
     trainer.save_state()
     trainer.save_model(args.output_dir)
     return trainer
@@ -162,6 +177,12 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: TrainingAr
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s: %(message)s", stream=sys.stdout)
     train(*parse_arguments(argv))
+    # Leave the process group in step: a rank exiting while another still holds the
+    # communication threads can abort the launcher ("terminate called without an active
+    # exception") after a run that succeeded.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

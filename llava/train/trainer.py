@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 from transformers import Trainer
 
 from llava.model.weights import NON_LORA_TRAINABLES_FILE, PROJECTOR_FILE
@@ -17,6 +18,7 @@ from llava.train.checkpoint import (
     save_projector,
     unwrap_base,
 )
+from llava.train.evaluation import PaddedShard, loss_metrics, summed_loss
 from llava.train.stages import StagePlan
 
 
@@ -71,6 +73,29 @@ class LlavaTrainerMixin:
         self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
         return self.optimizer
 
+    # -- evaluation ---------------------------------------------------------------------------
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        """Validation loss as the mean over every supervised token, and its perplexity."""
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        shard = PaddedShard(dataset, self.args.process_index, self.args.world_size)
+        loader = DataLoader(
+            shard,
+            batch_size=self.args.per_device_eval_batch_size,
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+        )
+        self.model.eval()
+        total, count = summed_loss(self.model, loader, self._prepare_inputs)
+        totals = torch.stack([total.double(), count.double()]).to(self.args.device)
+        if self.args.world_size > 1:
+            torch.distributed.all_reduce(totals)
+        metrics = loss_metrics(totals[0].item(), int(totals[1].item()), metric_key_prefix)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(
+            self.args, self.state, self.control, metrics
+        )
+        return metrics
+
     # -- saving -------------------------------------------------------------------------------
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Stage 1 writes mm_projector.bin + config; LoRA adds non_lora_trainables.bin + config."""
@@ -87,6 +112,24 @@ class LlavaTrainerMixin:
             save_non_lora_trainables(self.model, output_dir, write)
             if write:
                 base.config.save_pretrained(output_dir)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """Under DeepSpeed, frozen weights stay out of the engine's checkpoint.
+
+        They are the base checkpoints' own and are rebuilt from them on resume: a stage-1
+        checkpoint of a 7B model holds the projector and its optimizer state, not 14 GB of
+        frozen language model.
+        """
+        if not self.is_deepspeed_enabled:
+            super()._save_optimizer_and_scheduler(output_dir)
+            return
+        from accelerate.utils import DeepSpeedSchedulerWrapper
+        from transformers.trainer import SCHEDULER_NAME
+
+        self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
+        # The engine saves its own scheduler; the trainer's (the usual case) is saved here.
+        if self.args.should_save and not isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper):
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
@@ -115,6 +158,14 @@ class LlavaTrainerMixin:
             load_non_lora_trainables(target, path)
 
 
+def forgive_missing_frozen_weights(model: torch.nn.Module, incompatible_keys) -> None:
+    """Load-state-dict hook: a checkpoint may leave out frozen weights (see above), even when
+    the loader is strict; every trainable weight must still be there."""
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    missing = [key for key in incompatible_keys.missing_keys if key not in frozen]
+    incompatible_keys.missing_keys[:] = missing
+
+
 def is_projector_name(name: str) -> bool:
     return name.removeprefix("base_model.model.").startswith("projector.")
 
@@ -125,3 +176,4 @@ class LlavaTrainer(LlavaTrainerMixin, Trainer):
     def __init__(self, *args, stage_plan: StagePlan, **kwargs):
         self.stage_plan = stage_plan
         super().__init__(*args, **kwargs)
+        self.model.register_load_state_dict_post_hook(forgive_missing_frozen_weights)

@@ -1,0 +1,158 @@
+"""The training entry in-process (one CPU process, no DeepSpeed): what trains, what reloads."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+import transformers
+
+from llava.constants import IGNORE_INDEX
+from llava.data.dataset import load_supervised_dataset, split_for_validation
+from llava.model.builder import load_pretrained_model, load_tokenizer
+from llava.train.arguments import parse_arguments
+from llava.train.evaluation import PaddedShard
+from llava.train.train import build_model, train
+
+
+def run_flags(assets: dict[str, str], output_dir, *extra: str) -> list[str]:
+    return [
+        "--model_name_or_path", assets["llm"],
+        "--vision_tower", assets["clip"],
+        "--image_folder", assets["image_folder"],
+        "--mm_projector_type", "mlp2x_gelu",
+        "--mm_vision_select_layer", "-2",
+        "--output_dir", str(output_dir),
+        "--per_device_train_batch_size", "4",
+        "--max_steps", "3",
+        "--learning_rate", "1e-2",
+        "--logging_steps", "1",
+        "--save_strategy", "no",
+        "--report_to", "none",
+        "--disable_tqdm", "True",
+        "--use_cpu", "True",
+        *extra,
+    ]  # fmt: skip
+
+
+def state_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: value.detach().clone() for name, value in module.state_dict().items()}
+
+
+def test_stage_one_changes_the_projector_and_nothing_else(training_assets, tmp_path):
+    flags = run_flags(
+        training_assets,
+        tmp_path,
+        "--version", "plain",
+        "--data_path", training_assets["pretrain"],
+        "--tune_mm_mlp_adapter", "True",
+    )  # fmt: skip
+    model_args, data_args, args = parse_arguments(flags)
+    transformers.set_seed(args.seed)  # as train() does: the same fresh projector
+    before = build_model(model_args, args)
+    trainer = train(model_args, data_args, args)
+    after = trainer.model
+    for part in ("vision_tower", "language_model"):
+        old, new = state_of(getattr(before, part)), state_of(getattr(after, part))
+        assert old.keys() == new.keys()
+        assert all(torch.equal(old[k], new[k]) for k in old), part
+    old, new = state_of(before.projector), state_of(after.projector)
+    assert all(not torch.equal(old[k], new[k]) for k in old)
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "mm_projector.bin", "trainer_state.json"]
+
+
+def test_lora_checkpoint_reloads_into_the_same_outputs(training_assets, tmp_path):
+    flags = run_flags(
+        training_assets,
+        tmp_path,
+        "--version", "v1",
+        "--data_path", training_assets["finetune"],
+        "--lora_enable", "True",
+        "--lora_r", "4",
+        "--lora_alpha", "8",
+        "--save_strategy", "steps",
+        "--save_steps", "3",
+    )  # fmt: skip
+    trainer = train(*parse_arguments(flags))
+    loaded = load_pretrained_model(
+        str(tmp_path / "checkpoint-3"), model_base=training_assets["llm"]
+    ).model
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+    batch.pop("labels")
+    trainer.model.eval()
+    with torch.no_grad():
+        expected = trainer.model(**batch).logits
+        actual = loaded(**batch).logits
+    assert torch.allclose(actual, expected, atol=1e-5)
+
+
+def reference_loss(model, dataset) -> float:
+    """Mean next-token cross-entropy over every supervised token, from full logits, one by one."""
+    total, count = 0.0, 0
+    model.eval()
+    for i in range(len(dataset)):
+        sample = dataset[i]
+        pixels = sample["pixel_values"]
+        with torch.no_grad():
+            logits = model(input_ids=sample["input_ids"][None], pixel_values=pixels).logits[0]
+        targets = sample["labels"][1:]
+        supervised = targets != IGNORE_INDEX
+        total += torch.nn.functional.cross_entropy(
+            logits[:-1][supervised].float(), targets[supervised], reduction="sum"
+        ).item()
+        count += int(supervised.sum())
+    return total / count
+
+
+def test_validation_split_reports_the_token_mean_loss_and_perplexity(training_assets, tmp_path):
+    flags = run_flags(
+        training_assets,
+        tmp_path,
+        "--version", "v1",
+        "--data_path", training_assets["finetune"],
+        "--validation_split_percentage", "25",
+        "--per_device_eval_batch_size", "3",
+    )  # fmt: skip
+    trainer = train(*parse_arguments(flags))
+    assert len(trainer.eval_dataset) == 7 and len(trainer.train_dataset) == 23  # 25% of 30
+    metrics = trainer.state.log_history[-1]
+    expected = reference_loss(trainer.model, trainer.eval_dataset)
+    assert metrics["eval_loss"] == pytest.approx(expected, rel=1e-5)
+    assert metrics["eval_perplexity"] == pytest.approx(math.exp(expected), rel=1e-5)
+
+
+def test_split_for_validation_is_seeded_disjoint_and_complete(training_assets):
+    from transformers import CLIPImageProcessor
+
+    tokenizer = load_tokenizer(training_assets["llm"])
+    processor = CLIPImageProcessor.from_pretrained(training_assets["clip"])
+    dataset = load_supervised_dataset(
+        training_assets["finetune"],
+        tokenizer,
+        "v1",
+        128,
+        image_processor=processor,
+        num_image_tokens=16,
+        image_folder=training_assets["image_folder"],
+    )
+    train_a, validation_a = split_for_validation(dataset, 10, seed=3)
+    train_b, validation_b = split_for_validation(dataset, 10, seed=3)
+    _, validation_c = split_for_validation(dataset, 10, seed=4)
+    ids = lambda part: [record.id for record, _ in part.samples]  # noqa: E731
+    assert ids(validation_a) == ids(validation_b) and ids(validation_a) != ids(validation_c)
+    assert len(validation_a) == 3 and len(train_a) == 27
+    assert sorted(ids(train_a) + ids(validation_a)) == sorted(ids(dataset))
+    assert validation_a.lengths == [
+        dataset.lengths[ids(dataset).index(i)] for i in ids(validation_a)
+    ]
+    with pytest.raises(ValueError, match="validation_split_percentage"):
+        split_for_validation(dataset, 100, seed=0)
+
+    shards = [PaddedShard(validation_a, rank, 2) for rank in range(2)]
+    assert [len(shard) for shard in shards] == [2, 2]
+    seen = [shards[r][i]["input_ids"].tolist() for r in range(2) for i in range(2)]
+    expected = [validation_a[i]["input_ids"].tolist() for i in (0, 2, 1)]
+    assert sorted(seen[:3]) == sorted(expected)  # ranks hold disjoint samples, all of them
+    assert (shards[1][1]["labels"] == IGNORE_INDEX).all()  # the pad adds no token
