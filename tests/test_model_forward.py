@@ -206,3 +206,23 @@ def test_sampling_is_seeded(model):
         torch.manual_seed(3)
         runs.append(model.generate(**inputs, max_new_tokens=6, do_sample=True, temperature=1.0))
     assert torch.equal(*runs)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_llama_path, tiny_clip_path):
+    model = build_llava_model(tiny_llama_path, tiny_clip_path).train()
+    model.language_model.requires_grad_(True)
+    batch = mixed_batch(model.num_image_tokens)
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        return loss.detach(), grads
+
+    plain_loss, plain_grads = loss_and_grads()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert model.language_model.model.gradient_checkpointing
+    loss, grads = loss_and_grads()
+    assert torch.allclose(loss, plain_loss, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, plain_grads))

@@ -156,3 +156,29 @@ def test_split_for_validation_is_seeded_disjoint_and_complete(training_assets):
     expected = [validation_a[i]["input_ids"].tolist() for i in (0, 2, 1)]
     assert sorted(seen[:3]) == sorted(expected)  # ranks hold disjoint samples, all of them
     assert (shards[1][1]["labels"] == IGNORE_INDEX).all()  # the pad adds no token
+
+
+def test_optimizer_groups_spare_biases_and_norms_and_give_the_projector_its_lr(
+    training_assets, tmp_path
+):
+    flags = run_flags(
+        training_assets,
+        tmp_path,
+        "--version", "v1",
+        "--data_path", training_assets["finetune"],
+        "--max_steps", "1",
+        "--weight_decay", "0.1",
+        "--mm_projector_lr", "2e-5",
+        "--freeze_backbone", "True",
+    )  # fmt: skip
+    trainer = train(*parse_arguments(flags))
+    names = {id(p): name for name, p in trainer.model.named_parameters()}
+    groups = {}
+    for group in trainer.optimizer.param_groups:
+        for parameter in group["params"]:
+            groups[names[id(parameter)]] = (group["weight_decay"], group["initial_lr"])
+    assert sorted(groups) == [
+        f"projector.{k}" for k in ("0.bias", "0.weight", "2.bias", "2.weight")
+    ]
+    assert groups["projector.0.weight"] == (0.1, 2e-5)
+    assert groups["projector.0.bias"] == (0.0, 2e-5)
