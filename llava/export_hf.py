@@ -1,8 +1,9 @@
 """Export to a transformers LlavaForConditionalGeneration folder (model, processor, template).
 
-    python -m llava.export_hf --model-path P [--model-base B] --output-dir D
+    python -m llava.export_hf --model-path P [--model-base B] --output-dir D [--conv-mode v1]
 
 Only models with an HF CLIP/SigLIP tower and an mlp2x_gelu projector have an equivalent there.
+The processor's chat_template renders prompts as --conv-mode does here (the one trained with).
 """
 
 from __future__ import annotations
@@ -11,11 +12,17 @@ import argparse
 import os
 
 import torch
-from transformers import LlavaForConditionalGeneration, LlavaProcessor
+from transformers import LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerBase
 
 from llava.constants import IMAGE_TOKEN
+from llava.conversation import get_template
 from llava.model.builder import load_pretrained_model
-from llava.model.hf_llava import check_exportable, hf_llava_config, hf_llava_state_dict
+from llava.model.hf_llava import (
+    check_exportable,
+    hf_llava_config,
+    hf_llava_state_dict,
+    jinja_chat_template,
+)
 
 
 def add_image_token(model, tokenizer) -> int:
@@ -39,17 +46,28 @@ def patch_size(model) -> int:
     return model.config.vision_tower_config["vision_config"]["patch_size"]
 
 
+def chat_template_for(conv_mode: str, tokenizer: PreTrainedTokenizerBase) -> str:
+    """The Jinja chat template of a --conv-mode (auto: the tokenizer's own)."""
+    template = get_template(conv_mode)
+    if not template.uses_tokenizer_template:
+        return jinja_chat_template(template, tokenizer.bos_token or "", tokenizer.eos_token or "")
+    if not tokenizer.chat_template:
+        raise ValueError("--conv-mode auto needs a tokenizer with a chat_template")
+    return tokenizer.chat_template
+
+
 def export(
-    model_path: str,
-    output_dir: str,
-    model_base: str | None = None,
-    chat_template: str | None = None,
+    model_path: str, output_dir: str, model_base: str | None = None, conv_mode: str = "v1"
 ) -> None:
+    """Write model, processor and chat template; refuses a non-empty output folder."""
     if os.path.exists(output_dir) and os.listdir(output_dir):
         raise FileExistsError(f"{output_dir!r} exists and is not empty; nothing was written")
+    get_template(conv_mode)  # an unknown name fails before the model loads
     loaded = load_pretrained_model(model_path, model_base)
     model, tokenizer = loaded.model, loaded.tokenizer
     check_exportable(model.config)
+    # The tokenizer's and the processor's template are one file (chat_template.jinja).
+    chat_template = tokenizer.chat_template = chat_template_for(conv_mode, tokenizer)
     image_token_id = add_image_token(model, tokenizer)
     config = hf_llava_config(model.config, image_token_id)
     hf_model = LlavaForConditionalGeneration(config)
@@ -77,8 +95,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-path", required=True)
     parser.add_argument("--model-base", default=None)
     parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--conv-mode", default="v1", help="the chat template trained with")
     args = parser.parse_args(argv)
-    export(args.model_path, args.output_dir, args.model_base)
+    export(args.model_path, args.output_dir, args.model_base, args.conv_mode)
 
 
 if __name__ == "__main__":

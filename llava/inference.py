@@ -63,7 +63,11 @@ class Answerer:
         return self.prompt(turns, image_sources)
 
     def generate(self, prompts: list[Prompt], **generate_kwargs: Any) -> list[str]:
-        """Answers for a batch of prompts, left-padded so every answer starts at one column."""
+        """Answers for a batch of prompts, left-padded so every answer starts at one column.
+
+        The language model's generate() derives position ids from the attention mask (its
+        cumsum), so padding shifts no row's positions: a batch answers as each prompt alone.
+        """
         pad_id = self.tokenizer.pad_token_id
         width = max(len(p.input_ids) for p in prompts)
         input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)

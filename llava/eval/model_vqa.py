@@ -6,7 +6,8 @@
 
 Questions are `{"question_id", "image", "text"}` (image optional, a path or a list of paths);
 answers are `{"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}`. Lines
-already in the answers file are kept and their questions skipped.
+already in the answers file are kept and their questions skipped; a torn last line (from an
+interrupted run) is cut off and its question answered again.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from llava.constants import IMAGE_TOKEN
 from llava.inference import Answerer, sampling_kwargs
 from llava.model.builder import load_pretrained_model
 
@@ -39,6 +41,8 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
 
 def chunk(items: list[Any], num_chunks: int, index: int) -> list[Any]:
     """The index-th of num_chunks contiguous, near-equal parts (for one process of many)."""
+    if num_chunks < 1:
+        raise ValueError(f"--num-chunks must be at least 1, not {num_chunks}")
     if not 0 <= index < num_chunks:
         raise ValueError(f"--chunk-idx {index} is not in [0, {num_chunks})")
     size, extra = divmod(len(items), num_chunks)
@@ -47,20 +51,31 @@ def chunk(items: list[Any], num_chunks: int, index: int) -> list[Any]:
 
 
 def answered_ids(answers_file: str) -> set[Any]:
-    """question_ids already in an answers file (a torn last line is dropped and redone)."""
+    """question_ids already in an answers file.
+
+    Only the last line can be torn (a run stopped mid-write): it is cut off, so its question
+    is answered again. A bad line before it is an error, never silently dropped.
+    """
     if not os.path.exists(answers_file):
         return set()
-    done, lines = set(), open(answers_file).read().splitlines(keepends=True)
-    intact = []
-    for line in lines:
+    with open(answers_file) as f:
+        text = f.read()
+    lines = text.splitlines()
+    done, kept = set(), []
+    for line_number, line in enumerate(lines, start=1):
         try:
             done.add(json.loads(line)["question_id"])
-            intact.append(line)
-        except (json.JSONDecodeError, KeyError):
-            break
-    if len(intact) != len(lines):
-        with open(answers_file, "w") as f:
-            f.writelines(intact)
+            kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            if line_number < len(lines):
+                raise ValueError(
+                    f"{answers_file}:{line_number}: not an answer row; only a torn last line "
+                    "is dropped on resume"
+                ) from None
+    if len(kept) != len(lines) or not text.endswith("\n"):
+        with open(answers_file + ".tmp", "w") as f:
+            f.writelines(line + "\n" for line in kept)
+        os.replace(answers_file + ".tmp", answers_file)
     return done
 
 
@@ -74,6 +89,25 @@ def image_sources(question: dict[str, Any], image_folder: str | None) -> list[st
                 f"question {question.get('question_id')!r}: image {path!r} does not exist"
             )
     return paths
+
+
+def check_questions(questions: list[dict[str, Any]], image_folder: str | None) -> None:
+    """Fail before any answer is generated: fields, unique ids, image files and tags."""
+    seen = set()
+    for number, question in enumerate(questions, start=1):
+        missing = [key for key in ("question_id", "text") if key not in question]
+        if missing:
+            raise ValueError(f"question {number} of the file has no {' or '.join(missing)}")
+        if question["question_id"] in seen:
+            raise ValueError(f"question_id {question['question_id']!r} appears twice")
+        seen.add(question["question_id"])
+        num_images = len(image_sources(question, image_folder))
+        num_tags = question["text"].count(IMAGE_TOKEN)
+        if num_tags not in (0, num_images):
+            raise ValueError(
+                f"question {question['question_id']!r}: {num_tags} {IMAGE_TOKEN} tags in its text "
+                f"but {num_images} images"
+            )
 
 
 def batches(items: list[Any], size: int) -> Iterator[list[Any]]:
@@ -91,6 +125,9 @@ def answer_questions(
     generate_kwargs: dict[str, Any],
 ) -> int:
     """Append answers for the questions not yet answered; returns how many were written."""
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, not {batch_size}")
+    check_questions(questions, image_folder)
     done = answered_ids(answers_file)
     todo = [q for q in questions if q["question_id"] not in done]
     os.makedirs(os.path.dirname(os.path.abspath(answers_file)), exist_ok=True)
@@ -138,6 +175,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_arguments(argv)
     questions = chunk(read_jsonl(args.question_file), args.num_chunks, args.chunk_idx)
+    check_questions(questions, args.image_folder)  # before the model loads
     loaded = load_pretrained_model(args.model_path, args.model_base, device=args.device)
     written = answer_questions(
         Answerer(loaded, args.conv_mode),

@@ -1,11 +1,15 @@
-"""Mapping between this project's LlavaForCausalLM and transformers' LlavaForConditionalGeneration."""
+"""Mapping onto transformers' LlavaForConditionalGeneration: config, weights, chat template."""
 
 from __future__ import annotations
+
+import json
 
 import torch
 from transformers import CLIPVisionConfig
 from transformers import LlavaConfig as HFLlavaConfig
 
+from llava.constants import IMAGE_TOKEN
+from llava.conversation import ChatTemplate, fill
 from llava.model.config import LlavaConfig
 
 # Our key prefix -> transformers' (4.55 layout: model.{vision_tower,multi_modal_projector,
@@ -64,3 +68,88 @@ def hf_llava_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.
         else:
             raise KeyError(f"No transformers Llava name for parameter {key!r}")
     return renamed
+
+
+# ---------------------------------------------------------------------------------------------
+# A chat template as the Jinja text transformers' processors render (processor.chat_template).
+
+# Message text: a plain string, or the processor's list of {"type": "image"} / {"type": "text"}
+# items, rendered images first, each as "<image>\n", as llava.inference.with_image_tag does.
+# Then llava.conversation.render_fixed, line for line; @NAME@ marks are filled in by Python.
+JINJA_TEMPLATE = """{%- macro message_text(message) -%}
+{%- if message['content'] is string -%}{{ message['content'] }}
+{%- else -%}
+{%- for item in message['content'] if item['type'] == 'image' -%}{{ @IMAGE_LINE@ }}{%- endfor -%}
+{%- for item in message['content'] if item['type'] == 'text' -%}{{ item['text'] }}{%- endfor -%}
+{%- endif -%}
+{%- endmacro -%}
+{%- macro user_text(message) -%}
+{%- if @KEEP_USER_TEXT@ -%}{{ message_text(message) }}
+{%- else -%}{{ @IMAGE_TAG@ * (message_text(message).count(@IMAGE_TAG@)) }}
+{%- endif -%}
+{%- endmacro -%}
+{%- if messages and messages[0]['role'] == 'system' -%}
+{%- set system = message_text(messages[0]) -%}{%- set dialog = messages[1:] -%}
+{%- else -%}
+{%- set system = @DEFAULT_SYSTEM@ -%}{%- set dialog = messages -%}
+{%- endif -%}
+{%- if system and not @SYSTEM_IN_FIRST_USER@ -%}{{ @SYSTEM_FORMAT@ }}{%- endif -%}
+{%- set state = namespace(seen_user=false) -%}
+{%- for message in dialog -%}
+{%- if message['role'] == 'user' -%}
+{%- set content = user_text(message) -%}
+{%- if not state.seen_user and system and @SYSTEM_IN_FIRST_USER@ -%}
+{%- set content = @SYSTEM_FORMAT@ + content -%}
+{%- endif -%}
+{%- if state.seen_user -%}{{ @USER_SEPARATOR@ }}{%- endif -%}
+{{ @USER_FORMAT@ }}
+{%- set state.seen_user = true -%}
+{%- else -%}
+{{ @ASSISTANT_HEADER@ + @ASSISTANT_FORMAT@ }}
+{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{ @ASSISTANT_HEADER@ }}{%- endif -%}"""
+
+CONTENT_MARK = "\x00"  # stands for a format's field while the format is split around it
+
+
+def format_expression(format_string: str, variable: str, bos: str, eos: str) -> str:
+    """A Jinja expression equal to `fill(format_string, <variable>, bos, eos)`."""
+    filled = fill(format_string, CONTENT_MARK, bos, eos)
+    if CONTENT_MARK not in filled:
+        return json.dumps(filled)
+    before, after = filled.split(CONTENT_MARK, 1)
+    return f"{json.dumps(before)} + {variable} + {json.dumps(after)}"
+
+
+def jinja_chat_template(template: ChatTemplate, bos: str, eos: str) -> str:
+    """Jinja that renders a conversation as `llava.conversation.render_text` does.
+
+    BOS and EOS are the tokenizer's texts, written in; the leading BOS is left to the
+    tokenizer, as in training. An `auto` template is the tokenizer's own chat_template.
+    """
+    if template.uses_tokenizer_template:
+        raise ValueError("an 'auto' template is the tokenizer's own chat_template; use that")
+    if not eos and "{eos}" in template.assistant_format:
+        raise ValueError(
+            f"template {template.name!r} ends answers with EOS; the tokenizer has none"
+        )
+    # json.dumps writes string literals and booleans that Jinja reads back unchanged.
+    values = {
+        "IMAGE_LINE": json.dumps(IMAGE_TOKEN + "\n"),
+        "IMAGE_TAG": json.dumps(IMAGE_TOKEN),
+        "KEEP_USER_TEXT": json.dumps(template.keep_user_text),
+        "DEFAULT_SYSTEM": json.dumps(template.system),
+        "SYSTEM_IN_FIRST_USER": json.dumps(template.system_in_first_user),
+        "SYSTEM_FORMAT": format_expression(template.system_format, "system", bos, eos),
+        "USER_SEPARATOR": json.dumps(fill(template.user_separator, bos=bos, eos=eos)),
+        "USER_FORMAT": format_expression(template.user_format, "content", bos, eos),
+        "ASSISTANT_HEADER": json.dumps(fill(template.assistant_header, bos=bos, eos=eos)),
+        "ASSISTANT_FORMAT": format_expression(
+            template.assistant_format, "message_text(message)", bos, eos
+        ),
+    }
+    text = JINJA_TEMPLATE
+    for name, value in values.items():
+        text = text.replace(f"@{name}@", value)
+    return text

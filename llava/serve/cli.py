@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from transformers import TextStreamer
 
@@ -19,7 +21,13 @@ from llava.inference import Answerer, sampling_kwargs, with_image_tag
 from llava.model.builder import load_pretrained_model
 
 
-def chat(answerer: Answerer, image_file: str, generate_kwargs: dict, read=input, write=print):
+def chat(
+    answerer: Answerer,
+    image_file: str,
+    generate_kwargs: dict[str, Any],
+    read: Callable[[str], str] = input,
+    write: Callable[..., None] = print,
+) -> list[Turn]:
     """The chat loop: the image goes with the first question; history grows turn by turn."""
     turns: list[Turn] = []
     streamer = TextStreamer(answerer.tokenizer, skip_prompt=True, skip_special_tokens=True)

@@ -1,0 +1,109 @@
+"""Perplexity of a model on a data file: exp of the mean loss over every supervised token.
+
+    python -m llava.eval.perplexity --model-path P [--model-base B] --data_path D \
+        [--image_folder F] --version v1 [--batch-size 8] [--model_max_length 2048]
+
+The data file is read by the training pipeline (any format it reads, the same template,
+truncation and drops), so the number is comparable with the training loss. The mean is over
+all supervised tokens of the whole set, not a mean of per-batch means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from llava.data.collator import SupervisedCollator, pad_token_id_of
+from llava.data.dataset import SupervisedDataset, load_supervised_dataset
+from llava.model.builder import load_pretrained_model
+from llava.model.llava import LlavaForCausalLM
+from llava.train.evaluation import summed_loss
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    """The score and what it was computed from."""
+
+    perplexity: float
+    mean_loss: float  # nats per supervised token
+    num_tokens: int  # supervised tokens scored
+    num_samples: int
+
+
+def score_perplexity(
+    model: LlavaForCausalLM, dataset: SupervisedDataset, pad_token_id: int, batch_size: int = 8
+) -> Perplexity:
+    """Summed token losses over the set divided by its supervised-token count, then exp."""
+    if len(dataset) == 0:
+        raise ValueError(f"no sample to score: {dataset.summary.line()}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, not {batch_size}")
+    model.eval()
+    device = next(model.parameters()).device
+
+    def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        batch = {key: value.to(device) for key, value in batch.items()}
+        if "pixel_values" in batch:
+            batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+        return batch
+
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=SupervisedCollator(pad_token_id))
+    total_loss, num_tokens = summed_loss(model, tqdm(loader, desc="scoring"), to_device)
+    mean_loss = total_loss.item() / int(num_tokens)
+    return Perplexity(math.exp(mean_loss), mean_loss, num_tokens, len(dataset))
+
+
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-path", required=True)
+    parser.add_argument("--model-base", default=None)
+    parser.add_argument("--data_path", required=True, help="any format the training data reads")
+    parser.add_argument("--image_folder", default=None)
+    parser.add_argument(
+        "--dataset_text_field", default=None, help="for datasets with other columns"
+    )
+    parser.add_argument("--dataset_image_field", default=None)
+    parser.add_argument("--version", default="v1", help="the chat template trained with")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--model_max_length", type=int, default=None, help="default: the model's context length"
+    )
+    parser.add_argument("--device", default="cpu")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> Perplexity:
+    args = parse_arguments(argv)
+    loaded = load_pretrained_model(args.model_path, args.model_base, device=args.device)
+    config = loaded.model.config
+    dataset = load_supervised_dataset(
+        args.data_path,
+        loaded.tokenizer,
+        args.version,
+        args.model_max_length or loaded.context_length,
+        image_processor=loaded.image_processor,
+        num_image_tokens=loaded.model.num_image_tokens,
+        image_folder=args.image_folder,
+        dataset_text_field=args.dataset_text_field,
+        dataset_image_field=args.dataset_image_field,
+        image_aspect_ratio=getattr(config, "image_aspect_ratio", "square") or "square",
+        mm_use_im_start_end=bool(config.mm_use_im_start_end),
+    )
+    result = score_perplexity(
+        loaded.model, dataset, pad_token_id_of(loaded.tokenizer), args.batch_size
+    )
+    print(dataset.summary.line())
+    print(
+        f"perplexity {result.perplexity:.4f} (mean loss {result.mean_loss:.4f} over "
+        f"{result.num_tokens} supervised tokens in {result.num_samples} samples)"
+    )
+    return result
+
+
+if __name__ == "__main__":
+    main()
