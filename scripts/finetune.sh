@@ -4,8 +4,8 @@
 # Paper hardware and time: 8x A100-40G, about 10 h for 7B (20 h for 13B), global batch 128.
 # Override paths and sizes from the environment (MODEL_NAME_OR_PATH, VISION_TOWER, DATA_PATH,
 # IMAGE_FOLDER, PRETRAIN_MM_MLP_ADAPTER, OUTPUT_DIR, NUM_GPUS, DEEPSPEED_CONFIG,
-# PER_DEVICE_BATCH, GRAD_ACCUM, LAUNCHER); arguments given to this script are appended last
-# and override the defaults below.
+# PER_DEVICE_BATCH, GRAD_ACCUM, LAUNCHER, DEVICE=gpu|hpu: see scripts/launch.sh); arguments
+# given to this script are appended last and override the defaults below.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/launch.sh
@@ -17,7 +17,7 @@ IMAGE_FOLDER=${IMAGE_FOLDER:-finetuning_data/images}
 PRETRAIN_MM_MLP_ADAPTER=${PRETRAIN_MM_MLP_ADAPTER:-checkpoints/llava-v1.5-7b-pretrain/mm_projector.bin}
 OUTPUT_DIR=${OUTPUT_DIR:-checkpoints/llava-v1.5-7b}
 NUM_GPUS=${NUM_GPUS:-8}
-DEEPSPEED_CONFIG=${DEEPSPEED_CONFIG:-scripts/zero3.json}
+DEEPSPEED_CONFIG=${DEEPSPEED_CONFIG:-scripts/zero3${ZERO_SUFFIX}.json}
 PER_DEVICE_BATCH=${PER_DEVICE_BATCH:-16}  # 8 GPUs x 16 = 128
 GRAD_ACCUM=${GRAD_ACCUM:-1}
 
@@ -50,7 +50,7 @@ launch_training \
     --warmup_ratio 0.03 \
     --lr_scheduler_type "cosine" \
     --logging_steps 1 \
-    --tf32 True \
+    --tf32 "$TF32" \
     --model_max_length 2048 \
     --gradient_checkpointing True \
     --dataloader_num_workers 4 \

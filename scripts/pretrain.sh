@@ -3,7 +3,8 @@
 # LAION/CC/SBU image-caption pairs, with CLIP ViT-L/336 and Vicuna-v1.5 frozen.
 # Paper hardware and time: 8x A100-80G, about 3.5 h for 7B (5.5 h for 13B), global batch 256.
 # Override paths and sizes from the environment (MODEL_NAME_OR_PATH, VISION_TOWER, DATA_PATH,
-# IMAGE_FOLDER, OUTPUT_DIR, NUM_GPUS, DEEPSPEED_CONFIG, PER_DEVICE_BATCH, GRAD_ACCUM, LAUNCHER);
+# IMAGE_FOLDER, OUTPUT_DIR, NUM_GPUS, DEEPSPEED_CONFIG, PER_DEVICE_BATCH, GRAD_ACCUM, LAUNCHER,
+# DEVICE=gpu|hpu: see scripts/launch.sh);
 # arguments given to this script are appended last and override the defaults below.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +16,7 @@ DATA_PATH=${DATA_PATH:-pretraining_data/blip_laion_cc_sbu_558k.json}
 IMAGE_FOLDER=${IMAGE_FOLDER:-pretraining_data/images}
 OUTPUT_DIR=${OUTPUT_DIR:-checkpoints/llava-v1.5-7b-pretrain}
 NUM_GPUS=${NUM_GPUS:-8}
-DEEPSPEED_CONFIG=${DEEPSPEED_CONFIG:-scripts/zero2.json}
+DEEPSPEED_CONFIG=${DEEPSPEED_CONFIG:-scripts/zero2${ZERO_SUFFIX}.json}
 PER_DEVICE_BATCH=${PER_DEVICE_BATCH:-32}  # 8 GPUs x 32 = 256
 GRAD_ACCUM=${GRAD_ACCUM:-1}
 
@@ -46,7 +47,7 @@ launch_training \
     --warmup_ratio 0.03 \
     --lr_scheduler_type "cosine" \
     --logging_steps 1 \
-    --tf32 True \
+    --tf32 "$TF32" \
     --model_max_length 2048 \
     --gradient_checkpointing True \
     --dataloader_num_workers 4 \

@@ -171,7 +171,10 @@ def script_arguments(script: str) -> list[str]:
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_every_flag_in_the_scripts_parses(script, tmp_path):
+def test_every_flag_in_the_scripts_parses(script, tmp_path, monkeypatch):
+    # --deepspeed makes TrainingArguments set ACCELERATE_USE_DEEPSPEED in os.environ, which
+    # would turn DeepSpeed on for every later trainer in this process: undone after the test.
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "false")
     argv = script_arguments(script)
     parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     namespace, unknown = parser.parse_known_args(argv)

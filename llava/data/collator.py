@@ -2,8 +2,12 @@
 
 `pixel_values` of a batch are every sample's images concatenated in sample order, which is
 the order in which the model fills the runs of image placeholders. A batch without images has
-no `pixel_values` key. `pad_to_multiple_of` rounds lengths up, so static-shape devices (Gaudi
-lazy mode) see only a few shapes.
+no `pixel_values` key.
+
+For static-shape devices (Gaudi lazy mode compiles a graph per shape) a `StaticShapes` policy
+pads every batch to one of a few lengths and to a fixed number of image slots: blank images
+after the real ones, and `num_images` saying how many are real, so text-only batches have the
+same shapes as the others.
 """
 
 from __future__ import annotations
@@ -26,6 +30,30 @@ def pad_token_id_of(tokenizer: Any) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class StaticShapes:
+    """Batch shapes from a fixed set: lengths (ascending) and image slots of one image shape."""
+
+    lengths: tuple[int, ...]
+    image_slots: int
+    image_shape: tuple[int, int, int]  # (3, H, W)
+
+    def padded_length(self, longest: int) -> int:
+        for length in self.lengths:
+            if longest <= length:
+                return length
+        raise ValueError(f"a sample of {longest} tokens is longer than the longest bucket")
+
+
+def bucket_lengths(max_length: int, num_buckets: int, multiple: int = 8) -> tuple[int, ...]:
+    """`num_buckets` evenly spaced lengths up to `max_length`, each a multiple of `multiple`."""
+    lengths = {
+        min(max_length, math.ceil(max_length * k / num_buckets / multiple) * multiple)
+        for k in range(1, num_buckets + 1)
+    }
+    return tuple(sorted(lengths))
+
+
 @dataclass
 class SupervisedCollator:
     """Samples {"input_ids" (T,), "labels" (T,), "pixel_values" (n, 3, H, W) | None} -> batch."""
@@ -33,6 +61,7 @@ class SupervisedCollator:
     pad_token_id: int
     padding_side: str = "right"
     pad_to_multiple_of: int | None = None
+    static_shapes: StaticShapes | None = None
 
     def __post_init__(self):
         if self.padding_side not in ("right", "left"):
@@ -40,6 +69,8 @@ class SupervisedCollator:
 
     def padded_length(self, samples: list[dict[str, Any]]) -> int:
         longest = max(len(sample["input_ids"]) for sample in samples)
+        if self.static_shapes is not None:
+            return self.static_shapes.padded_length(longest)
         if self.pad_to_multiple_of:
             return math.ceil(longest / self.pad_to_multiple_of) * self.pad_to_multiple_of
         return longest
@@ -58,6 +89,22 @@ class SupervisedCollator:
         batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
         pixels = [s["pixel_values"] for s in samples if s.get("pixel_values") is not None]
         pixels = [p for p in pixels if p.shape[0] > 0]
-        if pixels:
+        if self.static_shapes is not None:
+            batch.update(self.fixed_image_slots(pixels))
+        elif pixels:
             batch["pixel_values"] = torch.cat(pixels)  # (N_images, 3, H, W), sample order
         return batch
+
+    def fixed_image_slots(self, pixels: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The real images, then blank ones up to the slot count; `num_images` counts the real."""
+        shapes = self.static_shapes
+        num_images = sum(p.shape[0] for p in pixels)
+        if num_images > shapes.image_slots:
+            raise ValueError(
+                f"a batch holds {num_images} images but there are {shapes.image_slots} image slots"
+            )
+        blank = torch.zeros((shapes.image_slots - num_images, *shapes.image_shape))
+        return {
+            "pixel_values": torch.cat([*pixels, blank]),  # (image_slots, 3, H, W)
+            "num_images": torch.tensor(num_images),
+        }

@@ -148,6 +148,10 @@ class SupervisedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    @property
+    def max_images_per_sample(self) -> int:
+        return max((num_images for _, num_images in self.samples), default=0)
+
     def pixel_values(self, record: Record, num_images: int) -> torch.Tensor | None:
         """(num_images, 3, H, W) for the images the sample keeps, None when it keeps none."""
         if num_images == 0:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
+import sys
 from dataclasses import dataclass, field
 
 import transformers
+from transformers.hf_argparser import string_to_bool
 
 
 @dataclass
@@ -52,9 +55,6 @@ class ModelArguments:
     mm_patch_merge_type: str = field(
         default="flat", metadata={"help": "Accepted for compatibility; only 'flat' exists."}
     )
-    attn_implementation: str = field(
-        default="sdpa", metadata={"help": "sdpa, flash_attention_2 or eager."}
-    )
 
 
 @dataclass
@@ -89,7 +89,9 @@ class DataArguments:
 
 
 @dataclass
-class TrainingArguments(transformers.TrainingArguments):
+class LlavaTrainingFields:
+    """LLaVA's training flags, on top of the trainer's own (transformers' or optimum-habana's)."""
+
     cache_dir: str | None = field(default=None)
     optim: str = field(default="adamw_torch")
     remove_unused_columns: bool = field(default=False)
@@ -122,6 +124,17 @@ class TrainingArguments(transformers.TrainingArguments):
         default=None,
         metadata={"help": "The original scripts' name for --eval_strategy (removed upstream)."},
     )
+    pad_max: bool = field(
+        default=False,
+        metadata={"help": "Pad every batch to --model_max_length (static shapes, as on Gaudi)."},
+    )
+    num_length_buckets: int = field(
+        default=0,
+        metadata={
+            "help": "Pad batches up to one of this many evenly spaced lengths up to "
+            "--model_max_length (0: to the longest sample; on Gaudi the default is 8)."
+        },
+    )
 
     def __post_init__(self):
         if self.evaluation_strategy is not None:
@@ -131,12 +144,98 @@ class TrainingArguments(transformers.TrainingArguments):
             raise ValueError(f"--bits must be 4, 8 or 16, not {self.bits}")
         if self.lora_bias not in ("none", "all", "lora_only"):
             raise ValueError(f"--lora_bias must be none, all or lora_only, not {self.lora_bias!r}")
+        if self.num_length_buckets < 0:
+            raise ValueError(
+                f"--num_length_buckets must be 0 or more, not {self.num_length_buckets}"
+            )
+
+
+# Gaudi flags that only optimum-habana's arguments can act on. On the GPU/CPU path they parse
+# (so one script serves both) and must stay off.
+HABANA_ONLY_FLAGS = (
+    "use_habana",
+    "use_lazy_mode",
+    "gaudi_config_name",
+    "use_hpu_graphs_for_training",
+    "use_hpu_graphs_for_inference",
+)
+
+
+@dataclass
+class HabanaFlags:
+    """optimum-habana's flags, accepted off Gaudi; `--use_habana` switches to its arguments."""
+
+    use_habana: bool = field(
+        default=False, metadata={"help": "Train on Gaudi HPUs through optimum-habana."}
+    )
+    use_lazy_mode: bool = field(default=False, metadata={"help": "Gaudi lazy mode (graphs)."})
+    gaudi_config_name: str | None = field(
+        default=None, metadata={"help": "GaudiConfig file or name (fused AdamW, clip norm, ...)."}
+    )
+    use_hpu_graphs_for_training: bool = field(default=False, metadata={"help": "Gaudi only."})
+    use_hpu_graphs_for_inference: bool = field(default=False, metadata={"help": "Gaudi only."})
+
+    def __post_init__(self):
+        wrongly_on = [name for name in HABANA_ONLY_FLAGS if getattr(self, name)]
+        if wrongly_on:
+            flags = ", ".join(f"--{name}" for name in wrongly_on)
+            raise ValueError(
+                f"{flags} act only on Gaudi: pass --use_habana True on a machine with "
+                "optimum-habana and the Habana stack (parse_arguments then picks its arguments)"
+            )
+        super().__post_init__()
+
+
+@dataclass
+class TrainingArguments(LlavaTrainingFields, HabanaFlags, transformers.TrainingArguments):
+    """Training arguments for GPU and CPU runs (transformers' Trainer).
+
+    `--attn_implementation` lives here because optimum-habana's arguments have their own
+    (eager, sdpa, gaudi_fused_sdpa): one flag, whichever path parses it.
+    """
+
+    attn_implementation: str = field(
+        default="sdpa", metadata={"help": "sdpa, flash_attention_2 (when installed) or eager."}
+    )
+
+
+def wants_gaudi(argv: list[str]) -> bool:
+    """Whether the command line asks for Gaudi (`--use_habana`, `--use_habana True`, ...)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--use_habana", type=string_to_bool, nargs="?", const=True, default=False)
+    known, _ = parser.parse_known_args(argv)
+    return known.use_habana
+
+
+def training_arguments_class(gaudi: bool) -> type:
+    """This module's TrainingArguments, or the same LLaVA fields on optimum-habana's."""
+    if not gaudi:
+        return TrainingArguments
+    from llava.train.gaudi import gaudi_training_arguments_class
+
+    return gaudi_training_arguments_class()
 
 
 def parse_arguments(
-    args: list[str] | None = None,
+    args: list[str] | None = None, gaudi: bool | None = None
 ) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
-    """Parse the command line; unknown flags are an error that names them."""
-    parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=args)
+    """Parse the command line; unknown flags are an error that names them.
+
+    `gaudi` (default: whether --use_habana is on) picks optimum-habana's GaudiTrainingArguments
+    as the base of the training arguments; it is imported only then.
+    """
+    argv = sys.argv[1:] if args is None else list(args)
+    if gaudi is None:
+        gaudi = wants_gaudi(argv)
+    training_class = training_arguments_class(gaudi)
+    parser = transformers.HfArgumentParser((ModelArguments, DataArguments, training_class))
+    try:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    except ModuleNotFoundError as error:  # optimum-habana sets up the HPU while parsing
+        if gaudi and (error.name or "").startswith("habana_frameworks"):
+            raise RuntimeError(
+                "--use_habana needs the Habana PyTorch bridge (habana_frameworks), which only "
+                "the Intel Gaudi software stack installs: run on a Gaudi machine"
+            ) from error
+        raise
     return model_args, data_args, training_args

@@ -54,7 +54,7 @@ def build_model(model_args: ModelArguments, args: TrainingArguments) -> LlavaFor
         mm_vision_select_feature=model_args.mm_vision_select_feature,
         vision_tower_pretrained=model_args.vision_tower_pretrained,
         torch_dtype=dtype,
-        attn_implementation=model_args.attn_implementation,
+        attn_implementation=args.attn_implementation,
         language_model_kwargs=language_model_kwargs,
     )
     model.config.use_cache = False
@@ -127,12 +127,44 @@ def build_data(model: LlavaForCausalLM, tokenizer, model_args, data_args, args):
         model_max_length=args.model_max_length,
         mm_use_im_start_end=model_args.mm_use_im_start_end,
     )
+    collator.static_shapes = static_shapes(dataset, model, args)
     if not data_args.validation_split_percentage:
         return dataset, None, collator
     train_dataset, validation_dataset = split_for_validation(
         dataset, data_args.validation_split_percentage, args.data_seed or args.seed
     )
     return train_dataset, validation_dataset, collator
+
+
+def static_shapes(dataset, model: LlavaForCausalLM, args: TrainingArguments):
+    """The fixed batch shapes --pad_max / --num_length_buckets ask for (None: dynamic)."""
+    from llava.data.collator import StaticShapes, bucket_lengths
+
+    if args.pad_max:
+        lengths = (args.model_max_length,)
+    elif args.num_length_buckets:
+        lengths = bucket_lengths(args.model_max_length, args.num_length_buckets)
+    else:
+        return None
+    batch_size = max(args.per_device_train_batch_size, args.per_device_eval_batch_size)
+    height, width = model.vision_tower.image_size
+    return StaticShapes(
+        lengths=lengths,
+        image_slots=batch_size * max(1, dataset.max_images_per_sample),
+        image_shape=(3, height, width),
+    )
+
+
+def build_trainer(model, args: TrainingArguments, plan: StagePlan, **trainer_kwargs):
+    """LlavaTrainer, or on Gaudi arguments the same mixin over optimum-habana's GaudiTrainer."""
+    from llava.train.gaudi import gaudi_config, gaudi_trainer_class, is_gaudi_arguments
+
+    if is_gaudi_arguments(args):
+        trainer_class = gaudi_trainer_class()
+        trainer_kwargs["gaudi_config"] = gaudi_config(args)
+    else:
+        from llava.train.trainer import LlavaTrainer as trainer_class
+    return trainer_class(model=model, args=args, stage_plan=plan, **trainer_kwargs)
 
 
 def train(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments):
@@ -152,16 +184,14 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: TrainingAr
     train_dataset, validation_dataset, collator = build_data(
         model, tokenizer, model_args, data_args, args
     )
-    from llava.train.trainer import LlavaTrainer
-
-    trainer = LlavaTrainer(
-        model=model,
-        args=args,
+    trainer = build_trainer(
+        model,
+        args,
+        plan,
         train_dataset=train_dataset,
         eval_dataset=validation_dataset,
         data_collator=collator,
         processing_class=tokenizer,
-        stage_plan=plan,
     )
     checkpoint = resume_checkpoint(args)
     if checkpoint is not None and args.should_log:
