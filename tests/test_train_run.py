@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -182,3 +183,46 @@ def test_optimizer_groups_spare_biases_and_norms_and_give_the_projector_its_lr(
     ]
     assert groups["projector.0.weight"] == (0.1, 2e-5)
     assert groups["projector.0.bias"] == (0.0, 2e-5)
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "lora"])
+def test_a_single_process_run_resumes_with_the_same_losses(training_assets, tmp_path, stage):
+    """Without DeepSpeed the trainer loads our partial checkpoints itself (projector, LoRA)."""
+    stage_flags = {
+        "pretrain": ["--version", "plain", "--data_path", training_assets["pretrain"],
+                     "--tune_mm_mlp_adapter", "True"],
+        "lora": ["--version", "v1", "--data_path", training_assets["finetune"],
+                 "--lora_enable", "True", "--lora_r", "4", "--lora_alpha", "8"],
+    }[stage]  # fmt: skip
+
+    def run(output_dir):
+        flags = run_flags(
+            training_assets,
+            output_dir,
+            *stage_flags,
+            "--max_steps", "4",
+            "--save_strategy", "steps",
+            "--save_steps", "2",
+            "--per_device_train_batch_size", "2",
+        )  # fmt: skip
+        trainer = train(*parse_arguments(flags))
+        return {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
+
+    def resume(name: str, zero_file: str | None = None) -> dict[int, float]:
+        checkpoint = tmp_path / name / "checkpoint-2"
+        shutil.copytree(tmp_path / "first" / "checkpoint-2", checkpoint)
+        if zero_file:  # the resumed run must really read the checkpoint's weights
+            state = torch.load(checkpoint / zero_file, weights_only=True)
+            torch.save(
+                {key: torch.zeros_like(value) for key, value in state.items()},
+                checkpoint / zero_file,
+            )
+        return run(tmp_path / name)
+
+    first = run(tmp_path / "first")
+    resumed = resume("resumed")
+    assert sorted(first) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert resumed[step] == pytest.approx(first[step], rel=1e-5), (step, first, resumed)
+    weights = {"pretrain": "mm_projector.bin", "lora": "non_lora_trainables.bin"}[stage]
+    assert resume("zeroed", zero_file=weights)[3] != pytest.approx(first[3], rel=1e-3)
