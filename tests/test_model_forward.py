@@ -226,3 +226,44 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_llama_pat
     loss, grads = loss_and_grads()
     assert torch.allclose(loss, plain_loss, atol=1e-6)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, plain_grads))
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("train_head", [True, False])
+def test_fused_head_loss_and_gradients_equal_full_logits(softcap, train_head):
+    """The in-forward gradients of LinearCrossEntropy equal autograd through full logits."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 40, bias=True).requires_grad_(train_head)
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    labels = torch.randint(0, 40, (2, 9))
+    labels[0, :3] = IGNORE_INDEX
+    ours = supervised_loss(hidden, labels, head, softcap=softcap, chunk_size=4)
+    wanted = [hidden, *head.parameters()] if train_head else [hidden]
+    grads = torch.autograd.grad(3 * ours, wanted)  # a scaled upstream gradient too
+    logits = head(hidden[:, :-1]).float()
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    reference = F.cross_entropy(
+        logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+    )
+    reference_grads = torch.autograd.grad(3 * reference, wanted)
+    assert ours.item() == pytest.approx(reference.item(), rel=1e-6)
+    for a, b in zip(grads, reference_grads):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_training_loss_and_gradients_equal_full_logits(model):
+    """Through the whole model, gradients included: supervised-only equals full logits."""
+    batch = mixed_batch(model.num_image_tokens)
+    parameters = [p for p in model.language_model.parameters()]
+    flags = [p.requires_grad for p in parameters]
+    for p in parameters:
+        p.requires_grad_(True)
+    try:
+        ours = torch.autograd.grad(model(**batch).loss, parameters)
+        reference = torch.autograd.grad(reference_loss(model, batch), parameters)
+    finally:
+        for p, flag in zip(parameters, flags):
+            p.requires_grad_(flag)
+    for a, b in zip(ours, reference):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)

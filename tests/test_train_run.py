@@ -226,3 +226,32 @@ def test_a_single_process_run_resumes_with_the_same_losses(training_assets, tmp_
         assert resumed[step] == pytest.approx(first[step], rel=1e-5), (step, first, resumed)
     weights = {"pretrain": "mm_projector.bin", "lora": "non_lora_trainables.bin"}[stage]
     assert resume("zeroed", zero_file=weights)[3] != pytest.approx(first[3], rel=1e-3)
+
+
+def test_packed_runs_log_the_losses_of_padded_ones_and_throughput(training_assets, tmp_path):
+    """--packing rows / flat change the batch layout, not what is learned."""
+    runs = {
+        "none": [],
+        "rows": ["--packing", "rows"],
+        "flat": ["--packing", "flat", "--attn_implementation", "sdpa_packed"],
+    }
+    losses, logs = {}, {}
+    for name, extra in runs.items():
+        flags = run_flags(
+            training_assets,
+            tmp_path / name,
+            "--version", "v1",
+            "--data_path", training_assets["finetune"],
+            "--freeze_backbone", "True",
+            *extra,
+        )  # fmt: skip
+        history = train(*parse_arguments(flags)).state.log_history
+        losses[name] = [h["loss"] for h in history if "loss" in h]
+        logs[name] = next(h for h in history if "loss" in h)
+    assert losses["rows"] == pytest.approx(losses["none"], rel=1e-5)
+    assert losses["flat"] == pytest.approx(losses["none"], rel=1e-5)
+    for entry in logs.values():
+        assert entry["samples_per_second"] > 0 and 0 < entry["mfu"] < 1
+    assert logs["none"]["padding_fraction"] > 0 and logs["flat"]["padding_fraction"] == 0
+    with pytest.raises(ValueError, match="--packing flat needs --attn_implementation"):
+        parse_arguments(run_flags(training_assets, tmp_path, "--packing", "flat"))

@@ -9,7 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_utils import AttentionInterface
 
 from llava.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
 from llava.model.config import LlavaConfig
@@ -30,6 +33,77 @@ def chunk_cross_entropy(
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
+class LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of `hidden @ weight.T + bias`, chunk by chunk, with the gradients
+    worked out in the forward pass.
+
+    Each chunk's float32 logits live only while the chunk is processed: nothing of size
+    (n, V) is kept for backward, and nothing is recomputed there (unlike checkpointed chunks,
+    which run the head twice). Backward only scales the stored gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, softcap, chunk_size):
+        # hidden (N, D), weight (V, D), bias (V,) or None, targets (N,)
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        total = hidden.new_zeros((), dtype=torch.float32)
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = grad_bias = None  # float32 sums over the chunks
+        for start in range(0, hidden.shape[0], chunk_size):
+            chunk = slice(start, start + chunk_size)
+            h, t = hidden[chunk], targets[chunk]  # (n, D), (n,)
+            logits = F.linear(h, weight, bias).float()  # (n, V)
+            capped = None
+            if softcap is not None:
+                capped = torch.tanh(logits / softcap)
+                logits = capped * softcap
+            log_normaliser = torch.logsumexp(logits, dim=-1)  # (n,)
+            total += (log_normaliser - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            grad = logits.sub_(log_normaliser[:, None]).exp_()  # softmax, in place (n, V)
+            grad[torch.arange(t.shape[0], device=t.device), t] -= 1
+            if capped is not None:
+                grad.mul_(1 - capped * capped)
+            if need_bias:
+                part = grad.sum(dim=0)
+                grad_bias = part if grad_bias is None else grad_bias.add_(part)
+            grad = grad.to(hidden.dtype)
+            if need_hidden:
+                grad_hidden[chunk] = grad @ weight
+            if need_weight:
+                part = (grad.T @ h).float()  # (V, D)
+                grad_weight = part if grad_weight is None else grad_weight.add_(part)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        ctx.used = False
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        if ctx.used:  # the stored gradients are scaled in place
+            raise RuntimeError("LinearCrossEntropy cannot run backward twice (retain_graph)")
+        ctx.used = True
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        weight_dtype, bias_dtype = ctx.dtypes
+        scale = grad_total.to(torch.float32)
+        return (
+            None if grad_hidden is None else grad_hidden.mul_(scale.to(grad_hidden.dtype)),
+            None if grad_weight is None else grad_weight.mul_(scale).to(weight_dtype),
+            None if grad_bias is None else grad_bias.mul_(scale).to(bias_dtype),
+            None,
+            None,
+            None,
+        )
+
+
+def fusable_head(lm_head: nn.Module) -> bool:
+    """A plain Linear head whose weight is all here (not a ZeRO-3 shard, not quantized)."""
+    return (
+        type(lm_head) is nn.Linear
+        and not hasattr(lm_head.weight, "ds_id")
+        and lm_head.weight.dtype.is_floating_point
+    )
+
+
 def supervised_loss(
     hidden_states: torch.Tensor,
     labels: torch.Tensor,
@@ -42,6 +116,8 @@ def supervised_loss(
 
     hidden_states (B, T, D) predict labels shifted by one; the lm_head runs only on the
     supervised rows, chunk by chunk, so logits are never built for image or prompt tokens.
+    In training, a plain Linear head computes its gradients in the forward pass
+    (`LinearCrossEntropy`); other heads (ZeRO-3 shards, adapters) checkpoint each chunk.
     The sum is divided by `num_items_in_batch` when the trainer gives it (the supervised-token
     count of the whole accumulated batch), else by this batch's supervised-token count.
     """
@@ -52,18 +128,63 @@ def supervised_loss(
     total = hidden_states.new_zeros((), dtype=torch.float32)
     if selected.shape[0] == 0:
         total = total + 0.0 * hidden_states.sum()  # keep the graph connected
-    recompute = torch.is_grad_enabled() and selected.shape[0] > chunk_size
-    for start in range(0, selected.shape[0], chunk_size):
-        args = (selected[start : start + chunk_size], selected_targets[start : start + chunk_size])
-        if recompute:  # logits of a chunk are rebuilt in backward instead of kept
-            total = total + checkpoint(
-                chunk_cross_entropy, *args, lm_head, softcap, use_reentrant=False
-            )
-        else:
-            total = total + chunk_cross_entropy(*args, lm_head, softcap)
+    elif torch.is_grad_enabled() and fusable_head(lm_head):
+        total = LinearCrossEntropy.apply(
+            selected, lm_head.weight, lm_head.bias, selected_targets, softcap, chunk_size
+        )
+    else:
+        recompute = torch.is_grad_enabled() and selected.shape[0] > chunk_size
+        for start in range(0, selected.shape[0], chunk_size):
+            chunk = slice(start, start + chunk_size)
+            args = (selected[chunk], selected_targets[chunk])
+            if recompute:  # logits of a chunk are rebuilt in backward instead of kept
+                total = total + checkpoint(
+                    chunk_cross_entropy, *args, lm_head, softcap, use_reentrant=False
+                )
+            else:
+                total = total + chunk_cross_entropy(*args, lm_head, softcap)
     if num_items_in_batch is None:
         num_items_in_batch = supervised.sum().clamp(min=1)
     return total / num_items_in_batch
+
+
+# -- attention over packed samples ----------------------------------------------------------------
+# `--attn_implementation sdpa_packed`: sdpa, except that a batch flattened into one row with
+# `cu_seq_lens_q` (llava.data.packing) runs attention sample by sample, each causal and
+# unmasked. Plain sdpa reads the same batch from its position ids and masks a T x T product
+# for a T-token row; per sample the cost is the sum of S x S / 2. The mask transformers builds
+# is sdpa's (so without cu_seq_lens this is sdpa) and goes unused for flattened batches.
+PACKED_SDPA = "sdpa_packed"
+
+
+def packed_sdpa_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """query (1, H, T, d), key and value (1, H_kv, T, d) -> (1, T, H, d); see PACKED_SDPA."""
+    kwargs.pop("is_causal", None)
+    if cu_seq_lens_q is None or query.shape[0] != 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    bounds = cu_seq_lens_q.tolist()  # a device sync on GPU, where flash_attention_2 is the choice
+    outputs = [
+        sdpa_attention_forward(
+            module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], None,
+            is_causal=True, **kwargs,
+        )[0]
+        for start, end in zip(bounds[:-1], bounds[1:])
+    ]  # fmt: skip
+    return torch.cat(outputs, dim=1), None
+
+
+def register_packed_attention() -> None:
+    """Make `sdpa_packed` an attention implementation transformers accepts (idempotent)."""
+    AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
+    AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)
 
 
 class LlavaForCausalLM(PreTrainedModel):
@@ -123,44 +244,89 @@ class LlavaForCausalLM(PreTrainedModel):
     # -- images into embeddings ---------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) pixels -> (N, num_image_tokens, D) language-model embeddings."""
-        features = self.vision_tower(pixel_values)  # (N, P, C)
+        features = self.tower_features(pixel_values)  # (N, P, C)
         return self.projector(features.to(self.projector_dtype))
+
+    def tower_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The tower's features; a frozen tower runs in inference mode (no autograd records,
+        no version counters), except under ZeRO-3, whose weight gathers must stay ordinary."""
+        parameters = list(self.vision_tower.parameters())
+        if any(p.requires_grad for p in parameters) or any(hasattr(p, "ds_id") for p in parameters):
+            return self.vision_tower(pixel_values)
+        with torch.inference_mode():
+            features = self.vision_tower(pixel_values)  # (N, P, C)
+        # An inference tensor cannot be saved for backward (the projector's first linear does).
+        return features.clone() if torch.is_grad_enabled() else features
 
     @property
     def projector_dtype(self) -> torch.dtype:
         weights = [p for p in self.projector.parameters()]
         return weights[0].dtype if weights else self.get_input_embeddings().weight.dtype
 
+    def check_image_tokens(
+        self, image_mask: torch.Tensor, num_images: int | torch.Tensor, per_image: int
+    ) -> None:
+        """Raise when the placeholders and the image features differ in number.
+
+        Reading the count waits for the device, so in training on an accelerator the check is
+        deferred: mismatches are counted on the device and `raise_deferred_image_errors()`
+        (called by the trainer at each logging step, where it waits anyway) raises. The data
+        pipeline builds the counts to match, so this guards against a foreign collator.
+        """
+        if image_mask.device.type != "cpu" and self.training:
+            mismatch = (image_mask.sum() != num_images * per_image).long()
+            pending = getattr(self, "deferred_image_errors", None)
+            self.deferred_image_errors = mismatch if pending is None else pending + mismatch
+            return
+        num_tokens, num_images = int(image_mask.sum()), int(num_images)
+        num_features = num_images * per_image
+        if num_tokens == num_features:
+            return
+        if num_images == 0:
+            raise ValueError(
+                f"input_ids hold {num_tokens} image placeholder tokens but no pixel_values were "
+                "given"
+            )
+        raise ValueError(
+            f"Image features and image tokens do not match: tokens: {num_tokens}, features: "
+            f"{num_features} ({num_images} images x {per_image} tokens each)"
+        )
+
+    def raise_deferred_image_errors(self) -> None:
+        """Raise if a deferred check (see `check_image_tokens`) found a mismatch."""
+        pending = getattr(self, "deferred_image_errors", None)
+        self.deferred_image_errors = None
+        if pending is not None and int(pending):
+            raise ValueError(
+                f"Image features and image tokens did not match in {int(pending)} batch(es) "
+                "since the last logging step"
+            )
+
     def embed_inputs(
-        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        num_images: int | torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token embeddings with each image's features written over its placeholder run.
 
         input_ids (B, T) hold IMAGE_PLACEHOLDER_ID at image positions; the k-th run of
         placeholders (in row-major order) receives the k-th image of pixel_values.
+        `num_images` says how many images of pixel_values are real when a static-shape batch
+        pads them with blank ones after the real (None: all are real); masked_scatter takes the
+        features in order, so the blank ones are never written.
         """
         image_mask = input_ids == IMAGE_PLACEHOLDER_ID  # (B, T)
         embed_tokens = self.get_input_embeddings()
         embeds = embed_tokens(input_ids.masked_fill(image_mask, 0))  # (B, T, D)
         if pixel_values is None or pixel_values.shape[0] == 0:
-            num_placeholders = int(image_mask.sum())
-            if num_placeholders:
-                raise ValueError(
-                    f"input_ids hold {num_placeholders} image placeholder tokens but no "
-                    "pixel_values were given"
-                )
+            self.check_image_tokens(image_mask, 0, self.num_image_tokens)
             if torch.is_grad_enabled() and self.training:
                 embeds = embeds + 0.0 * self.image_path_dummy_output(embeds)
             return embeds
         image_features = self.encode_images(pixel_values)  # (N, P, D)
-        num_tokens = int(image_mask.sum())
-        num_features = image_features.shape[0] * image_features.shape[1]
-        if num_tokens != num_features:
-            raise ValueError(
-                f"Image features and image tokens do not match: tokens: {num_tokens}, features: "
-                f"{num_features} ({image_features.shape[0]} images x {image_features.shape[1]} "
-                "tokens each)"
-            )
+        real = image_features.shape[0] if num_images is None else num_images
+        self.check_image_tokens(image_mask, real, image_features.shape[1])
         return embeds.masked_scatter(image_mask.unsqueeze(-1), image_features.to(embeds.dtype))
 
     def image_path_dummy_output(self, like: torch.Tensor) -> torch.Tensor:
@@ -186,11 +352,12 @@ class LlavaForCausalLM(PreTrainedModel):
         past_key_values: Any = None,
         use_cache: bool | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
+        num_images: torch.Tensor | int | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """With labels: loss on supervised positions only (no logits). Without: the LM's output."""
         if inputs_embeds is None:
-            inputs_embeds = self.embed_inputs(input_ids, pixel_values)
+            inputs_embeds = self.embed_inputs(input_ids, pixel_values, num_images)
         if labels is None:
             return self.language_model(
                 inputs_embeds=inputs_embeds,

@@ -88,6 +88,10 @@ class DataArguments:
     )
 
 
+PACKINGS = ("none", "rows", "flat")
+FLAT_PACKING_ATTENTION = ("sdpa_packed", "flash_attention_2")
+
+
 @dataclass
 class LlavaTrainingFields:
     """LLaVA's training flags, on top of the trainer's own (transformers' or optimum-habana's)."""
@@ -128,6 +132,21 @@ class LlavaTrainingFields:
         default=False,
         metadata={"help": "Pad every batch to --model_max_length (static shapes, as on Gaudi)."},
     )
+    packing: str = field(
+        default="none",
+        metadata={
+            "help": "none (pad each batch), rows (pack a batch into rows as long as its longest "
+            "sample; any attention) or flat (one row per batch; needs --attn_implementation "
+            "sdpa_packed or flash_attention_2)."
+        },
+    )
+    peak_tflops: float | None = field(
+        default=None,
+        metadata={
+            "help": "Dense peak TFLOP/s for the logged MFU (default: a table per device: CPU "
+            "fp32 0.19, H100 bf16 989)."
+        },
+    )
     num_length_buckets: int = field(
         default=0,
         metadata={
@@ -147,6 +166,21 @@ class LlavaTrainingFields:
         if self.num_length_buckets < 0:
             raise ValueError(
                 f"--num_length_buckets must be 0 or more, not {self.num_length_buckets}"
+            )
+        if self.packing not in PACKINGS:
+            raise ValueError(
+                f"--packing must be one of {', '.join(PACKINGS)}, not {self.packing!r}"
+            )
+        attention = getattr(self, "attn_implementation", "sdpa")
+        if self.packing == "flat" and attention not in FLAT_PACKING_ATTENTION:
+            raise ValueError(
+                f"--packing flat needs --attn_implementation sdpa_packed or flash_attention_2, "
+                f"not {attention!r} (plain sdpa would mask a T x T product over the whole row; "
+                "use --packing rows)"
+            )
+        if self.packing != "none" and (self.pad_max or self.num_length_buckets):
+            raise ValueError(
+                "--packing needs dynamic shapes: drop --pad_max / --num_length_buckets"
             )
 
 
@@ -195,7 +229,11 @@ class TrainingArguments(LlavaTrainingFields, HabanaFlags, transformers.TrainingA
     """
 
     attn_implementation: str = field(
-        default="sdpa", metadata={"help": "sdpa, flash_attention_2 (when installed) or eager."}
+        default="sdpa",
+        metadata={
+            "help": "sdpa, sdpa_packed (sdpa per packed sample), flash_attention_2 (when "
+            "installed) or eager."
+        },
     )
 
 

@@ -73,10 +73,6 @@ def gaudi_trainer_class() -> type:
     class LlavaGaudiTrainer(LlavaTrainerMixin, habana.GaudiTrainer):
         """The trainer for Gaudi: LLaVA's sampler, optimizer groups and saving on GaudiTrainer."""
 
-        def __init__(self, *args, stage_plan, **kwargs):
-            self.stage_plan = stage_plan
-            super().__init__(*args, **kwargs)
-
         def get_optimizer_cls_and_kwargs(self, args, model=None):
             """Habana's fused AdamW when the Gaudi config asks for it, on HPU."""
             if self.gaudi_config.use_fused_adam and args.use_habana:
@@ -95,6 +91,7 @@ def gaudi_trainer_class() -> type:
             if self.args.use_habana:
                 super().log(logs, start_time, end_time)
             else:
+                self.add_throughput_metrics(logs)
                 Trainer.log(self, logs, start_time)
 
     return LlavaGaudiTrainer

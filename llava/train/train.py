@@ -14,7 +14,7 @@ import transformers
 
 from llava.constants import IMAGE_END_TOKEN, IMAGE_START_TOKEN
 from llava.model.builder import build_llava_model, load_tokenizer
-from llava.model.llava import LlavaForCausalLM
+from llava.model.llava import PACKED_SDPA, LlavaForCausalLM, register_packed_attention
 from llava.train.arguments import (
     DataArguments,
     ModelArguments,
@@ -46,6 +46,8 @@ def build_model(model_args: ModelArguments, args: TrainingArguments) -> LlavaFor
     language_model_kwargs = {"cache_dir": args.cache_dir}
     if quantization is not None:
         language_model_kwargs["quantization_config"] = quantization
+    if args.attn_implementation == PACKED_SDPA:
+        register_packed_attention()
     model = build_llava_model(
         model_args.model_name_or_path,
         model_args.vision_tower,
@@ -128,6 +130,10 @@ def build_data(model: LlavaForCausalLM, tokenizer, model_args, data_args, args):
         mm_use_im_start_end=model_args.mm_use_im_start_end,
     )
     collator.static_shapes = static_shapes(dataset, model, args)
+    if args.packing != "none":
+        from llava.data.packing import PackingCollator
+
+        collator = PackingCollator(collator.pad_token_id, flatten=args.packing == "flat")
     if not data_args.validation_split_percentage:
         return dataset, None, collator
     train_dataset, validation_dataset = split_for_validation(

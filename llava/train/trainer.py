@@ -1,4 +1,5 @@
-"""A mixin over HF Trainer (and GaudiTrainer): grouped sampler, projector lr, stage-aware saving."""
+"""A mixin over HF Trainer (and GaudiTrainer): grouped sampler, projector lr, fused AdamW,
+throughput logging, stage-aware saving."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import Trainer
 
+from llava.data.packing import without_sample_lengths
 from llava.model.weights import NON_LORA_TRAINABLES_FILE, PROJECTOR_FILE
 from llava.train.checkpoint import (
     load_non_lora_trainables,
@@ -20,16 +22,23 @@ from llava.train.checkpoint import (
 )
 from llava.train.evaluation import PaddedShard, loss_metrics, summed_loss
 from llava.train.stages import StagePlan
+from llava.train.throughput import ThroughputCallback
 
 
 class LlavaTrainerMixin:
     """Behaviour shared by the GPU/CPU trainer and the Gaudi trainer.
 
-    Expects `self.stage_plan` (a StagePlan) and a train dataset exposing `lengths` and
-    `modalities` for the grouped samplers.
+    Takes `stage_plan` (a StagePlan) besides the trainer's own arguments; the train dataset
+    exposes `lengths` and `modalities` for the grouped samplers.
     """
 
     stage_plan: StagePlan
+
+    def __init__(self, *args: Any, stage_plan: StagePlan, **kwargs: Any):
+        self.stage_plan = stage_plan
+        super().__init__(*args, **kwargs)
+        self.model.register_load_state_dict_post_hook(forgive_missing_frozen_weights)
+        self.add_throughput_callback()
 
     # -- sampling ---------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset=None):
@@ -70,8 +79,55 @@ class LlavaTrainerMixin:
                 group["lr"] = self.args.mm_projector_lr
             param_groups.append(group)
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        if optimizer_cls is torch.optim.AdamW and self.fused_adamw_applies(param_groups):
+            optimizer_kwargs = {**optimizer_kwargs, "fused": True}
         self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
         return self.optimizer
+
+    def fused_adamw_applies(self, param_groups: list[dict[str, Any]]) -> bool:
+        """torch's fused AdamW (one kernel per step instead of a loop over tensors) runs on CUDA
+        and CPU; DeepSpeed steps its own flattened copies, so it is left alone there."""
+        parameters = [p for group in param_groups for p in group["params"]]
+        return (
+            not self.is_deepspeed_enabled
+            and bool(parameters)
+            and all(p.device.type in ("cuda", "cpu") for p in parameters)
+            and all(p.dtype.is_floating_point for p in parameters)
+        )
+
+    # -- throughput ---------------------------------------------------------------------------
+    def add_throughput_callback(self) -> None:
+        """Log samples/s, tokens/s, padding, TFLOP/s and MFU at each logging step."""
+        if self.throughput_callback() is None:
+            self.add_callback(ThroughputCallback())
+
+    def throughput_callback(self) -> ThroughputCallback | None:
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, ThroughputCallback):
+                return callback
+        return None
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        """Record the batch's statistics (no device sync) and train on the model's inputs."""
+        callback = self.throughput_callback()
+        if callback is not None and callback.meter is not None:
+            callback.meter.record(inputs)
+        return super().training_step(model, without_sample_lengths(inputs), *args, **kwargs)
+
+    def add_throughput_metrics(self, logs: dict[str, float]) -> None:
+        """Training logs (those with a loss) gain the rates since the previous one; a deferred
+        image-token check raises here, where the step waits for the device anyway."""
+        callback = self.throughput_callback()
+        if "loss" not in logs or callback is None or callback.meter is None:
+            return
+        logs.update(callback.meter.rates())
+        raise_deferred = getattr(unwrap_base(self.model), "raise_deferred_image_errors", None)
+        if raise_deferred is not None:
+            raise_deferred()
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        self.add_throughput_metrics(logs)
+        super().log(logs, *args, **kwargs)
 
     # -- evaluation ---------------------------------------------------------------------------
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
@@ -85,7 +141,7 @@ class LlavaTrainerMixin:
             num_workers=self.args.dataloader_num_workers,
         )
         self.model.eval()
-        total, count = summed_loss(self.model, loader, self._prepare_inputs)
+        total, count = summed_loss(self.model, loader, self.prepare_model_inputs)
         totals = torch.stack([total.double(), count.double()]).to(self.args.device)
         if self.args.world_size > 1:
             torch.distributed.all_reduce(totals)
@@ -95,6 +151,9 @@ class LlavaTrainerMixin:
             self.args, self.state, self.control, metrics
         )
         return metrics
+
+    def prepare_model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return self._prepare_inputs(without_sample_lengths(batch))
 
     # -- saving -------------------------------------------------------------------------------
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -172,8 +231,3 @@ def is_projector_name(name: str) -> bool:
 
 class LlavaTrainer(LlavaTrainerMixin, Trainer):
     """The trainer for GPU and CPU runs."""
-
-    def __init__(self, *args, stage_plan: StagePlan, **kwargs):
-        self.stage_plan = stage_plan
-        super().__init__(*args, **kwargs)
-        self.model.register_load_state_dict_post_hook(forgive_missing_frozen_weights)

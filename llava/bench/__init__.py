@@ -1,0 +1,1 @@
+"""Side-by-side training benchmark: this project's trainer against transformers' Llava + Trainer."""

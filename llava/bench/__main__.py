@@ -1,0 +1,147 @@
+"""python -m llava.bench: this project's trainer against transformers' Llava + Trainer, side by side.
+
+    python -m llava.bench --config small --stage all --steps 8 --warmup 2 --rounds 3
+
+Both systems train the same random weights on the same records with the same batch; each
+measured run is a fresh process, and the two systems alternate (ours, baseline, baseline,
+ours, ...), so load that drifts on a shared machine falls on both. Figures are medians over
+rounds; the ratio is ours / baseline, taken within each round, then the median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+
+from llava.bench.configs import CONFIGS, STAGES, BenchConfig
+from llava.bench.runs import PACKINGS, OursOptions, RunResult
+
+RESULT_PREFIX = "BENCH-RESULT "
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="small")
+    parser.add_argument("--stage", choices=[*STAGES, "all"], default="all")
+    parser.add_argument("--steps", type=int, default=8, help="measured optimizer steps")
+    parser.add_argument("--warmup", type=int, default=2, help="steps before measuring")
+    parser.add_argument("--rounds", type=int, default=1, help="ours/baseline pairs per stage")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--save-json", help="also write the results as JSON to this file")
+    parser.add_argument("--dry-run", action="store_true", help="print shapes and FLOPs only")
+    parser.add_argument("--workdir", help="where weights and data go (default: a temp dir)")
+    parser.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: table)")
+    parser.add_argument(
+        "--packing", choices=PACKINGS, default="flat", help="ours: batch layout (see runs.py)"
+    )
+    parser.add_argument("--group-by-length", action="store_true", help="ours: grouped sampler")
+    parser.add_argument("--workers", type=int, default=None, help="ours: data loader workers")
+    parser.add_argument("--worker", choices=["ours", "baseline"], help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def ours_options(args: argparse.Namespace, config: BenchConfig) -> OursOptions:
+    workers = args.workers if args.workers is not None else (0 if config.device == "cpu" else 4)
+    return OursOptions(
+        packing=args.packing,
+        group_by_length=args.group_by_length,
+        dataloader_workers=workers,
+    )
+
+
+def worker_main(args: argparse.Namespace) -> None:
+    """In the child process: one measured run, printed as one JSON line."""
+    from llava.bench.runs import run
+
+    config = CONFIGS[args.config]
+    result = run(
+        args.worker, args.workdir, config, args.stage, args.warmup, args.steps,
+        ours_options(args, config),
+    )  # fmt: skip
+    print(RESULT_PREFIX + json.dumps(asdict(result)), flush=True)
+
+
+def spawn(system: str, stage: str, args: argparse.Namespace, workdir: str) -> RunResult:
+    """Run one measurement in a fresh interpreter (clean allocator, clean peak memory)."""
+    command = [sys.executable, "-m", "llava.bench", "--worker", system, "--stage", stage]
+    command += ["--config", args.config, "--workdir", workdir]
+    command += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+    command += ["--packing", args.packing]
+    if args.group_by_length:
+        command.append("--group-by-length")
+    if args.workers is not None:
+        command += ["--workers", str(args.workers)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if done.returncode or not lines:
+        sys.stderr.write(done.stdout[-3000:] + done.stderr[-6000:])
+        raise RuntimeError(f"the {system} run of stage {stage} failed ({done.returncode})")
+    return RunResult(**json.loads(lines[-1][len(RESULT_PREFIX) :]))
+
+
+def load_average() -> float:
+    return os.getloadavg()[0]
+
+
+def measure(args: argparse.Namespace, stages: list[str], workdir: str) -> list[dict]:
+    """Alternate the systems: each round runs both, the order flipping every round."""
+    records = []
+    for stage in stages:
+        for round_index in range(args.rounds):
+            order = ["ours", "baseline"] if round_index % 2 == 0 else ["baseline", "ours"]
+            for system in order:
+                before = load_average()
+                result = spawn(system, stage, args, workdir)
+                entry = {**asdict(result), "round": round_index}
+                entry["load"] = [round(before, 2), round(load_average(), 2)]
+                records.append(entry)
+                print(progress_line(entry), file=sys.stderr, flush=True)
+    return records
+
+
+def progress_line(entry: dict) -> str:
+    rate = entry["stats"]["samples"] / entry["seconds"]
+    return (
+        f"  {entry['stage']:<9} round {entry['round']} {entry['system']:<8} "
+        f"{rate:7.3f} samples/s  peak +{entry['peak_memory_mib']:.0f} MiB  "
+        f"load {entry['load'][0]:.1f}->{entry['load'][1]:.1f}"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    if args.worker:
+        worker_main(args)
+        return
+    from llava.bench.report import dry_run_report, summarise, table
+
+    config = CONFIGS[args.config]
+    stages = list(STAGES) if args.stage == "all" else [args.stage]
+    if args.dry_run:
+        print(dry_run_report(config, stages, args.peak_tflops))
+        return
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints to stdout on import
+        from llava.bench.assets import write_assets
+
+    workdir = args.workdir or tempfile.mkdtemp(prefix=f"llava-bench-{config.name}-")
+    started = time.strftime("%Y-%m-%d %H:%M")
+    print(f"building weights and data in {workdir}", file=sys.stderr, flush=True)
+    write_assets(workdir, config, stages, args.warmup, args.steps)
+    records = measure(args, stages, workdir)
+    summary = summarise(records, config, args.peak_tflops)
+    results = {"config": config.name, "started": started, "runs": records, "summary": summary}
+    if args.save_json:
+        with open(args.save_json, "w") as f:
+            json.dump(results, f, indent=1)
+    print(json.dumps(results, indent=1) if args.json else table(summary, config, args, started))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""One set of random weights and data for both systems: an LM, a CLIP tower, a projector file,
+the same weights exported as a transformers Llava, the tokenizer, JPEGs and LLaVA JSON."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaForConditionalGeneration,
+)
+
+from llava.bench.configs import BenchConfig
+from llava.bench.synthetic import build_tokenizer, write_data, write_images
+from llava.constants import IMAGE_TOKEN
+from llava.model.builder import build_llava_model
+from llava.model.hf_llava import hf_llava_config, hf_llava_state_dict
+from llava.train.checkpoint import save_projector
+
+PROJECTOR_TYPE = "mlp2x_gelu"
+SELECT_LAYER = -2  # LLaVA-1.5's --mm_vision_select_layer
+
+
+@dataclass(frozen=True)
+class Assets:
+    """Paths of everything a benchmark run reads."""
+
+    folder: str
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.folder, *parts)
+
+    @property
+    def llm(self) -> str:
+        return self.path("llm")
+
+    @property
+    def clip(self) -> str:
+        return self.path("clip")
+
+    @property
+    def projector(self) -> str:
+        return self.path("projector", "mm_projector.bin")
+
+    @property
+    def hf_llava(self) -> str:
+        return self.path("hf_llava")
+
+    @property
+    def images(self) -> str:
+        return self.path("images")
+
+    def data(self, stage: str, part: str) -> str:
+        """LLaVA JSON of a stage's `warmup` or `measure` records."""
+        return self.path(f"{'pretrain' if stage == 'pretrain' else 'finetune'}-{part}.json")
+
+
+def llama_config(config: BenchConfig) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.text_width,
+        intermediate_size=config.text_intermediate,
+        num_hidden_layers=config.text_layers,
+        num_attention_heads=config.text_heads,
+        num_key_value_heads=config.text_kv_heads,
+        max_position_embeddings=max(2048, config.model_max_length),
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+
+
+def clip_config(config: BenchConfig) -> CLIPVisionConfig:
+    return CLIPVisionConfig(
+        image_size=config.image_size,
+        patch_size=config.patch_size,
+        hidden_size=config.vision_width,
+        intermediate_size=config.vision_intermediate,
+        num_hidden_layers=config.vision_layers,
+        num_attention_heads=config.vision_heads,
+    )
+
+
+def clip_processor(config: BenchConfig) -> CLIPImageProcessor:
+    side = config.image_size
+    return CLIPImageProcessor(
+        size={"shortest_edge": side}, crop_size={"height": side, "width": side}
+    )
+
+
+@contextmanager
+def construction(config: BenchConfig) -> Iterator[None]:
+    """Random weights made directly in the benchmark's dtype, on its GPU when there is one
+    (a 7B model made in float32 on a CPU takes minutes and 28 GB)."""
+    device = config.device if config.device != "cuda" or torch.cuda.is_available() else "cpu"
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, config.dtype))
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def write_models(assets: Assets, config: BenchConfig, seed: int) -> None:
+    """Random LM + tower + projector in this project's layout, and the same as HF Llava."""
+    dtype = getattr(torch, config.dtype)
+    tokenizer = build_tokenizer(config.vocab_size)
+    torch.manual_seed(seed)
+    with construction(config):
+        llm, tower = LlamaForCausalLM(llama_config(config)), CLIPVisionModel(clip_config(config))
+    llm.save_pretrained(assets.llm)
+    tokenizer.save_pretrained(assets.llm)
+    tower.save_pretrained(assets.clip)
+    clip_processor(config).save_pretrained(assets.clip)
+    del llm, tower
+    torch.manual_seed(seed + 1)
+    ours = build_llava_model(
+        assets.llm,
+        assets.clip,
+        mm_projector_type=PROJECTOR_TYPE,
+        mm_vision_select_layer=SELECT_LAYER,
+        torch_dtype=dtype,
+    )
+    save_projector(ours, os.path.dirname(assets.projector), write=True)
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    with construction(config):
+        hf_model = LlavaForConditionalGeneration(hf_llava_config(ours.config, image_token_id))
+    missing, unexpected = hf_model.load_state_dict(
+        hf_llava_state_dict(ours.state_dict()), strict=False
+    )
+    if missing or unexpected:
+        raise RuntimeError(f"weight mapping incomplete: {missing} {unexpected}")
+    hf_model.save_pretrained(assets.hf_llava)
+    tokenizer.save_pretrained(assets.hf_llava)
+    clip_processor(config).save_pretrained(assets.hf_llava)
+
+
+def write_assets(
+    folder: str, config: BenchConfig, stages: list[str], warmup: int, steps: int, seed: int = 0
+) -> Assets:
+    """Models, images and each stage's warmup and measured records (batch_size per step)."""
+    assets = Assets(folder)
+    write_models(assets, config, seed)
+    write_images(assets.images, config, seed)
+    for stage in stages:
+        for part, count, data_seed in (
+            ("warmup", warmup, seed + 10),
+            ("measure", steps, seed + 20),
+        ):
+            path = write_data(folder, stage, count * config.batch_size, config, data_seed)
+            os.replace(path, assets.data(stage, part))
+    return assets

@@ -1,0 +1,111 @@
+"""The benchmark compares like with like (weights, tokens, loss) and its command runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoTokenizer, CLIPImageProcessor, LlavaForConditionalGeneration
+
+from llava.bench.assets import SELECT_LAYER, Assets, write_models
+from llava.bench.baseline import HFLlavaCollator
+from llava.bench.configs import CONFIGS
+from llava.bench.synthetic import make_records, write_data, write_images
+from llava.constants import IMAGE_PLACEHOLDER_ID
+from llava.data.dataset import load_supervised_dataset
+from llava.model.builder import build_llava_model, load_tokenizer
+from llava.train.checkpoint import load_projector
+from tests.fixtures.training import REPO
+
+TINY = CONFIGS["tiny"]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> Assets:
+    assets = Assets(str(tmp_path_factory.mktemp("bench")))
+    write_models(assets, TINY, seed=0)
+    write_images(assets.images, TINY)
+    return assets
+
+
+def both_batches(assets: Assets, stage: str, count: int = 4):
+    """The same records through this project's data path and through the baseline's."""
+    path = write_data(assets.folder, stage, count, TINY, seed=3)
+    version = "plain" if stage == "pretrain" else "v1"
+    tokenizer = load_tokenizer(assets.llm)
+    dataset = load_supervised_dataset(
+        path, tokenizer, version, TINY.model_max_length,
+        image_processor=CLIPImageProcessor.from_pretrained(assets.clip),
+        num_image_tokens=TINY.num_image_tokens, image_folder=assets.images,
+    )  # fmt: skip
+    collator = HFLlavaCollator(
+        AutoTokenizer.from_pretrained(assets.hf_llava),
+        CLIPImageProcessor.from_pretrained(assets.hf_llava),
+        TINY.num_image_tokens, assets.images, version, TINY.model_max_length,
+    )  # fmt: skip
+    records = [dataset.samples[i][0] for i in range(len(dataset))]
+    assert len(records) == count  # nothing dropped
+    return [dataset[i] for i in range(count)], collator(make_records(stage, count, TINY, 3))
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_both_data_paths_give_the_same_tokens_and_labels(assets, stage):
+    ours, theirs = both_batches(assets, stage, count=16)
+    image_token_id = AutoTokenizer.from_pretrained(assets.hf_llava).convert_tokens_to_ids("<image>")
+    for row, sample in enumerate(ours):
+        n = len(sample["input_ids"])
+        ids = sample["input_ids"].masked_fill(
+            sample["input_ids"] == IMAGE_PLACEHOLDER_ID, image_token_id
+        )
+        assert torch.equal(theirs["input_ids"][row, :n], ids)
+        assert torch.equal(theirs["labels"][row, :n], sample["labels"])
+        assert theirs["attention_mask"][row].sum() == n
+
+
+def test_both_systems_start_from_the_same_weights(assets):
+    """Same records, same weights: the same loss from our model and from transformers' Llava."""
+    from llava.data.collator import SupervisedCollator
+
+    ours_samples, theirs = both_batches(assets, "finetune")
+    torch.manual_seed(0)
+    ours = build_llava_model(
+        assets.llm, assets.clip, mm_projector_type="mlp2x_gelu", mm_vision_select_layer=SELECT_LAYER
+    ).eval()
+    load_projector(ours, assets.projector)
+    hf = LlavaForConditionalGeneration.from_pretrained(assets.hf_llava).eval()
+    with torch.no_grad():
+        our_loss = ours(**SupervisedCollator(pad_token_id=0)(ours_samples)).loss
+        their_loss = hf(**theirs).loss
+    assert our_loss.item() == pytest.approx(their_loss.item(), rel=1e-5)
+
+
+def bench(*args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "llava.bench", *args],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout
+
+
+def test_bench_command_prints_both_systems():
+    out = bench("--config", "tiny", "--stage", "pretrain", "--steps", "2", "--warmup", "0")
+    assert "| pretrain | ours |" in out and "| pretrain | baseline |" in out
+    assert "| pretrain | " in out.split("speedup")[1]
+
+
+@pytest.mark.slow
+def test_bench_command_all_stages():
+    out = bench("--config", "tiny", "--steps", "2")
+    for stage in ("pretrain", "finetune", "lora"):
+        assert f"| {stage} | ours |" in out and f"| {stage} | baseline |" in out
+
+
+def test_7b_dry_run_prints_shapes_and_flops():
+    out = bench("--config", "7b", "--dry-run")
+    assert "6738.4M parameters" in out  # Llama-2-7B
+    assert "576 image tokens" in out
+    for stage in ("pretrain", "finetune", "lora"):
+        assert f"| {stage} |" in out
