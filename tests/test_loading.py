@@ -320,3 +320,18 @@ def test_every_fixed_template_has_a_jinja_twin(name, sp_llama_tokenizer_path):
                     add_generation_prompt=generation_prompt,
                 )
                 assert rendered == expected
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+@pytest.mark.parametrize("flag", ["--load-8bit", "--load-4bit"])
+def test_quantized_loading_without_a_gpu_is_a_clear_error(
+    flag, lora_checkpoint, base_llm, tmp_path
+):
+    from llava.eval.model_vqa import main
+
+    folder, _ = lora_checkpoint
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"question_id": 1, "text": "hi"}\n')
+    argv = ["--model-path", folder, "--model-base", base_llm, "--question-file", str(questions)]
+    with pytest.raises(ValueError, match="need bitsandbytes on a CUDA GPU"):
+        main([*argv, "--answers-file", str(tmp_path / "a.jsonl"), flag])

@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from llava.data.collator import SupervisedCollator, pad_token_id_of
 from llava.data.dataset import SupervisedDataset, load_supervised_dataset
-from llava.model.builder import load_pretrained_model
+from llava.device import resolve_device
+from llava.model.builder import add_quantization_flags, load_pretrained_model
 from llava.model.llava import LlavaForCausalLM
 from llava.train.evaluation import summed_loss
 
@@ -73,13 +74,20 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--model_max_length", type=int, default=None, help="default: the model's context length"
     )
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="auto", help="auto (cuda, hpu, cpu), or a device")
+    add_quantization_flags(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> Perplexity:
     args = parse_arguments(argv)
-    loaded = load_pretrained_model(args.model_path, args.model_base, device=args.device)
+    loaded = load_pretrained_model(
+        args.model_path,
+        args.model_base,
+        load_8bit=args.load_8bit,
+        load_4bit=args.load_4bit,
+        device=resolve_device(args.device),
+    )
     config = loaded.model.config
     dataset = load_supervised_dataset(
         args.data_path,

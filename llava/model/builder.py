@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -175,6 +176,8 @@ def load_pretrained_model(
     """
     kind = checkpoint_kind(model_path)
     language_model_kwargs = quantized_loading_kwargs(load_8bit, load_4bit)
+    if language_model_kwargs:  # bitsandbytes places the weights it quantizes
+        language_model_kwargs["device_map"] = {"": str(device)}
     tokenizer_path = model_path if has_tokenizer(model_path) else model_base
     if tokenizer_path is None:
         raise ValueError(f"{model_path!r} has no tokenizer; pass --model-base")
@@ -194,7 +197,12 @@ def load_pretrained_model(
             )
         else:
             model = merge_lora_checkpoint(model, model_path)
-    model.to(device).eval()
+    if language_model_kwargs:  # the quantized language model is in place already
+        model.vision_tower.to(device)
+        model.projector.to(device)
+    else:
+        model.to(device)
+    model.eval()
     context_length = getattr(model.config.text_config, "max_position_embeddings", 2048)
     return LoadedModel(tokenizer, model, model.vision_tower.image_processor, context_length)
 
@@ -210,6 +218,13 @@ def merge_lora_checkpoint(model: LlavaForCausalLM, model_path: str) -> LlavaForC
     model.load_state_dict(non_lora, strict=False)
     model = PeftModel.from_pretrained(model, model_path)
     return model.merge_and_unload()
+
+
+def add_quantization_flags(parser: argparse.ArgumentParser) -> None:
+    """--load-8bit / --load-4bit for the commands that load a trained model."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--load-8bit", action="store_true", help="bitsandbytes 8-bit (CUDA)")
+    group.add_argument("--load-4bit", action="store_true", help="bitsandbytes 4-bit NF4 (CUDA)")
 
 
 def quantized_loading_kwargs(load_8bit: bool, load_4bit: bool) -> dict[str, Any]:

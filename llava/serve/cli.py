@@ -17,8 +17,9 @@ from typing import Any
 from transformers import TextStreamer
 
 from llava.conversation import ASSISTANT, USER, Turn
+from llava.device import resolve_device
 from llava.inference import Answerer, sampling_kwargs, with_image_tag
-from llava.model.builder import load_pretrained_model
+from llava.model.builder import add_quantization_flags, load_pretrained_model
 
 
 def chat(
@@ -54,11 +55,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--conv-mode", default="v1")
     parser.add_argument("--temperature", type=float, default=0.2)
     parser.add_argument("--max-new-tokens", type=int, default=512)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="auto", help="auto (cuda, hpu, cpu), or a device")
+    add_quantization_flags(parser)
     args = parser.parse_args(argv)
     if not os.path.isfile(args.image_file):
         sys.exit(f"--image-file {args.image_file!r} does not exist")
-    loaded = load_pretrained_model(args.model_path, args.model_base, device=args.device)
+    loaded = load_pretrained_model(
+        args.model_path,
+        args.model_base,
+        load_8bit=args.load_8bit,
+        load_4bit=args.load_4bit,
+        device=resolve_device(args.device),
+    )
     chat(
         Answerer(loaded, args.conv_mode),
         args.image_file,
