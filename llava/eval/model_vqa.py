@@ -22,9 +22,8 @@ from typing import Any
 from tqdm import tqdm
 
 from llava.constants import IMAGE_TOKEN
-from llava.device import resolve_device
 from llava.inference import Answerer, sampling_kwargs
-from llava.model.builder import add_quantization_flags, load_pretrained_model
+from llava.model.builder import add_loading_flags, load_from_flags
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
@@ -156,8 +155,7 @@ def answer_questions(
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-path", required=True)
-    parser.add_argument("--model-base", default=None)
+    add_loading_flags(parser)
     parser.add_argument("--question-file", required=True)
     parser.add_argument("--image-folder", default=None)
     parser.add_argument("--answers-file", required=True)
@@ -169,8 +167,6 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--num-chunks", type=int, default=1)
     parser.add_argument("--chunk-idx", type=int, default=0)
-    parser.add_argument("--device", default="auto", help="auto (cuda, hpu, cpu), or a device")
-    add_quantization_flags(parser)
     return parser.parse_args(argv)
 
 
@@ -178,13 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_arguments(argv)
     questions = chunk(read_jsonl(args.question_file), args.num_chunks, args.chunk_idx)
     check_questions(questions, args.image_folder)  # before the model loads
-    loaded = load_pretrained_model(
-        args.model_path,
-        args.model_base,
-        load_8bit=args.load_8bit,
-        load_4bit=args.load_4bit,
-        device=resolve_device(args.device),
-    )
+    loaded = load_from_flags(args)
     written = answer_questions(
         Answerer(loaded, args.conv_mode),
         questions,

@@ -20,8 +20,7 @@ from tqdm import tqdm
 
 from llava.data.collator import SupervisedCollator, pad_token_id_of
 from llava.data.dataset import SupervisedDataset, load_supervised_dataset
-from llava.device import resolve_device
-from llava.model.builder import add_quantization_flags, load_pretrained_model
+from llava.model.builder import add_loading_flags, load_from_flags
 from llava.model.llava import LlavaForCausalLM
 from llava.train.evaluation import summed_loss
 
@@ -61,8 +60,7 @@ def score_perplexity(
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-path", required=True)
-    parser.add_argument("--model-base", default=None)
+    add_loading_flags(parser)
     parser.add_argument("--data_path", required=True, help="any format the training data reads")
     parser.add_argument("--image_folder", default=None)
     parser.add_argument(
@@ -74,20 +72,12 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--model_max_length", type=int, default=None, help="default: the model's context length"
     )
-    parser.add_argument("--device", default="auto", help="auto (cuda, hpu, cpu), or a device")
-    add_quantization_flags(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> Perplexity:
     args = parse_arguments(argv)
-    loaded = load_pretrained_model(
-        args.model_path,
-        args.model_base,
-        load_8bit=args.load_8bit,
-        load_4bit=args.load_4bit,
-        device=resolve_device(args.device),
-    )
+    loaded = load_from_flags(args)
     config = loaded.model.config
     dataset = load_supervised_dataset(
         args.data_path,

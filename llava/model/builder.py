@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from llava.device import resolve_device
 from llava.model.config import LlavaConfig
 from llava.model.llava import LlavaForCausalLM
 from llava.model.vision_tower import describe_vision_tower, load_vision_tower
@@ -220,11 +221,25 @@ def merge_lora_checkpoint(model: LlavaForCausalLM, model_path: str) -> LlavaForC
     return model.merge_and_unload()
 
 
-def add_quantization_flags(parser: argparse.ArgumentParser) -> None:
-    """--load-8bit / --load-4bit for the commands that load a trained model."""
+def add_loading_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of the commands that load a trained model (model_vqa, cli, perplexity)."""
+    parser.add_argument("--model-path", required=True, help="a checkpoint folder")
+    parser.add_argument("--model-base", default=None, help="base LLM of LoRA/projector ones")
+    parser.add_argument("--device", default="auto", help="auto (cuda, hpu, cpu), or a device")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--load-8bit", action="store_true", help="bitsandbytes 8-bit (CUDA)")
     group.add_argument("--load-4bit", action="store_true", help="bitsandbytes 4-bit NF4 (CUDA)")
+
+
+def load_from_flags(args: argparse.Namespace) -> LoadedModel:
+    """load_pretrained_model with what add_loading_flags parsed."""
+    return load_pretrained_model(
+        args.model_path,
+        args.model_base,
+        load_8bit=args.load_8bit,
+        load_4bit=args.load_4bit,
+        device=resolve_device(args.device),
+    )
 
 
 def quantized_loading_kwargs(load_8bit: bool, load_4bit: bool) -> dict[str, Any]:

@@ -17,9 +17,8 @@ from typing import Any
 from transformers import TextStreamer
 
 from llava.conversation import ASSISTANT, USER, Turn
-from llava.device import resolve_device
 from llava.inference import Answerer, sampling_kwargs, with_image_tag
-from llava.model.builder import add_quantization_flags, load_pretrained_model
+from llava.model.builder import add_loading_flags, load_from_flags
 
 
 def chat(
@@ -49,24 +48,15 @@ def chat(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-path", required=True)
-    parser.add_argument("--model-base", default=None)
+    add_loading_flags(parser)
     parser.add_argument("--image-file", required=True)
     parser.add_argument("--conv-mode", default="v1")
     parser.add_argument("--temperature", type=float, default=0.2)
     parser.add_argument("--max-new-tokens", type=int, default=512)
-    parser.add_argument("--device", default="auto", help="auto (cuda, hpu, cpu), or a device")
-    add_quantization_flags(parser)
     args = parser.parse_args(argv)
     if not os.path.isfile(args.image_file):
         sys.exit(f"--image-file {args.image_file!r} does not exist")
-    loaded = load_pretrained_model(
-        args.model_path,
-        args.model_base,
-        load_8bit=args.load_8bit,
-        load_4bit=args.load_4bit,
-        device=resolve_device(args.device),
-    )
+    loaded = load_from_flags(args)
     chat(
         Answerer(loaded, args.conv_mode),
         args.image_file,
