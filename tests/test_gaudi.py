@@ -24,7 +24,7 @@ from llava.data.sampler import ModalityLengthGroupedSampler
 from llava.model.builder import build_llava_model, load_tokenizer
 from llava.train.arguments import DataArguments, ModelArguments, TrainingArguments, wants_gaudi
 from llava.train.train import build_data
-from tests.fixtures.training import REPO
+from tests.fixtures.training import REPO, dry_run_arguments, training_flags
 
 if importlib.util.find_spec("optimum.habana") is None:  # finds it without importing it
     pytest.skip("the habana extra is not installed (CI installs it)", allow_module_level=True)
@@ -154,26 +154,15 @@ def test_gaudi_refuses_fp16_and_tf32(habana_pip):
 def test_stage_one_runs_through_the_real_gaudi_trainer_on_cpu(
     habana_pip, training_assets, tmp_path
 ):
-    argv = [
-        "--model_name_or_path", training_assets["llm"],
-        "--vision_tower", training_assets["clip"],
+    argv = training_flags(
+        training_assets,
+        tmp_path,
         "--data_path", training_assets["pretrain"],
-        "--image_folder", training_assets["image_folder"],
         "--version", "plain",
-        "--mm_projector_type", "mlp2x_gelu",
         "--tune_mm_mlp_adapter", "True",
-        "--output_dir", str(tmp_path),
-        "--use_cpu", "True",
         "--use_lazy_mode", "False",
         "--model_max_length", "128",
-        "--per_device_train_batch_size", "4",
-        "--max_steps", "3",
-        "--learning_rate", "1e-2",
-        "--logging_steps", "1",
-        "--save_strategy", "no",
-        "--report_to", "none",
-        "--disable_tqdm", "True",
-    ]  # fmt: skip
+    )  # fmt: skip
     out = run_python(
         """
         import json, sys
@@ -222,15 +211,9 @@ def test_gaudi_launcher_runs_the_command_through_the_distributed_runner(habana_p
 
 def test_hpu_scripts_use_the_gaudi_launcher_configs_and_flags(habana_pip):
     """DEVICE=hpu: DistributedRunner, the Gaudi ZeRO configs, no tf32, and flags that parse."""
-    env = {**habana_pip, "DRY_RUN": "1", "DEVICE": "hpu"}
+    env = {**habana_pip, "DEVICE": "hpu"}
     for script, stage in (("pretrain.sh", 2), ("finetune.sh", 3), ("finetune_lora.sh", 3)):
-        argv = subprocess.run(
-            ["bash", os.path.join(REPO, "scripts", script)],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.splitlines()
+        argv = dry_run_arguments(script, env)
         assert argv[:3] == ["python", "-m", "llava.train.gaudi_launch"]
         train_argv = argv[argv.index("--") + 2 :]
         pairs = dict(zip(train_argv[::2], train_argv[1::2]))

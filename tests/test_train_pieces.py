@@ -26,6 +26,7 @@ from llava.train.checkpoint import (
 )
 from llava.train.lora import add_lora, language_model_linear_names, quantization_config
 from llava.train.stages import apply_stage, plan_stage, trainable_table
+from tests.fixtures.training import dry_run_arguments
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["pretrain.sh", "finetune.sh", "finetune_lora.sh"]
@@ -156,16 +157,8 @@ def test_resume_picks_the_newest_complete_checkpoint(tmp_path):
 
 
 def script_arguments(script: str) -> list[str]:
-    """The arguments a script passes to train.py (DRY_RUN prints them one per line)."""
-    env = {**os.environ, "DRY_RUN": "1", "LAUNCHER": "python"}
-    out = subprocess.run(
-        ["bash", os.path.join(REPO, "scripts", script)],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    lines = out.splitlines()
+    """The arguments a script passes to train.py."""
+    lines = dry_run_arguments(script, {"LAUNCHER": "python"})
     assert lines[:3] == ["python", "-m", "llava.train.train"]
     return lines[3:]
 

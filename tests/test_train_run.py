@@ -16,26 +16,7 @@ from llava.model.builder import load_pretrained_model, load_tokenizer
 from llava.train.arguments import parse_arguments
 from llava.train.evaluation import PaddedShard
 from llava.train.train import build_model, train
-
-
-def run_flags(assets: dict[str, str], output_dir, *extra: str) -> list[str]:
-    return [
-        "--model_name_or_path", assets["llm"],
-        "--vision_tower", assets["clip"],
-        "--image_folder", assets["image_folder"],
-        "--mm_projector_type", "mlp2x_gelu",
-        "--mm_vision_select_layer", "-2",
-        "--output_dir", str(output_dir),
-        "--per_device_train_batch_size", "4",
-        "--max_steps", "3",
-        "--learning_rate", "1e-2",
-        "--logging_steps", "1",
-        "--save_strategy", "no",
-        "--report_to", "none",
-        "--disable_tqdm", "True",
-        "--use_cpu", "True",
-        *extra,
-    ]  # fmt: skip
+from tests.fixtures.training import training_flags
 
 
 def state_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -43,7 +24,7 @@ def state_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def test_stage_one_changes_the_projector_and_nothing_else(training_assets, tmp_path):
-    flags = run_flags(
+    flags = training_flags(
         training_assets,
         tmp_path,
         "--version", "plain",
@@ -65,7 +46,7 @@ def test_stage_one_changes_the_projector_and_nothing_else(training_assets, tmp_p
 
 
 def test_lora_checkpoint_reloads_into_the_same_outputs(training_assets, tmp_path):
-    flags = run_flags(
+    flags = training_flags(
         training_assets,
         tmp_path,
         "--version", "v1",
@@ -108,7 +89,7 @@ def reference_loss(model, dataset) -> float:
 
 
 def test_validation_split_reports_the_token_mean_loss_and_perplexity(training_assets, tmp_path):
-    flags = run_flags(
+    flags = training_flags(
         training_assets,
         tmp_path,
         "--version", "v1",
@@ -162,7 +143,7 @@ def test_split_for_validation_is_seeded_disjoint_and_complete(training_assets):
 def test_optimizer_groups_spare_biases_and_norms_and_give_the_projector_its_lr(
     training_assets, tmp_path
 ):
-    flags = run_flags(
+    flags = training_flags(
         training_assets,
         tmp_path,
         "--version", "v1",
@@ -196,7 +177,7 @@ def test_a_single_process_run_resumes_with_the_same_losses(training_assets, tmp_
     }[stage]  # fmt: skip
 
     def run(output_dir):
-        flags = run_flags(
+        flags = training_flags(
             training_assets,
             output_dir,
             *stage_flags,
@@ -237,7 +218,7 @@ def test_packed_runs_log_the_losses_of_padded_ones_and_throughput(training_asset
     }
     losses, logs = {}, {}
     for name, extra in runs.items():
-        flags = run_flags(
+        flags = training_flags(
             training_assets,
             tmp_path / name,
             "--version", "v1",
@@ -254,4 +235,4 @@ def test_packed_runs_log_the_losses_of_padded_ones_and_throughput(training_asset
         assert entry["samples_per_second"] > 0 and 0 < entry["mfu"] < 1
     assert logs["none"]["padding_fraction"] > 0 and logs["flat"]["padding_fraction"] == 0
     with pytest.raises(ValueError, match="--packing flat needs --attn_implementation"):
-        parse_arguments(run_flags(training_assets, tmp_path, "--packing", "flat"))
+        parse_arguments(training_flags(training_assets, tmp_path, "--packing", "flat"))
