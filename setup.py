@@ -10,9 +10,10 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.1",
-        # optimum-habana 1.21 supports exactly the 4.55 series: one environment for GPU and Gaudi.
-        "transformers>=4.55,<4.56",
-        "accelerate>=1.0,<=1.10.1",
+        # Two supported lines: the default install resolves to the newest 5.x; the habana extra's
+        # optimum-habana pins 4.55 (and its accelerate) in the Gaudi environment.
+        "transformers>=4.55,<6",
+        "accelerate>=1.0",
         "deepspeed>=0.16",
         "peft>=0.13",
         "open_clip_torch>=2.26",

@@ -18,6 +18,15 @@ def habana_stack_installed() -> bool:
     return importlib.util.find_spec("habana_frameworks") is not None
 
 
+def optimum_habana_installed() -> bool:
+    """True when the `habana` extra (optimum-habana) is installed (not imported)."""
+    # find_spec of a submodule imports its parent package, and raises when that is missing.
+    return (
+        importlib.util.find_spec("optimum") is not None
+        and importlib.util.find_spec("optimum.habana") is not None
+    )
+
+
 def hpu_available() -> bool:
     if not habana_stack_installed():
         return False

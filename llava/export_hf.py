@@ -14,6 +14,7 @@ import os
 import torch
 from transformers import LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerBase
 
+from llava.compat import save_processor
 from llava.constants import IMAGE_TOKEN
 from llava.conversation import get_template
 from llava.model.builder import load_pretrained_model
@@ -87,7 +88,7 @@ def export(
         chat_template=chat_template,
     )
     hf_model.save_pretrained(output_dir)
-    processor.save_pretrained(output_dir)
+    save_processor(processor, output_dir)  # in the layout both transformers lines read
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from llava.compat import save_tokenizer
 from llava.model.builder import checkpoint_kind, load_pretrained_model
 
 
@@ -28,7 +29,7 @@ def merge(model_path: str, model_base: str, save_model_path: str, vision_tower: 
         raise FileExistsError(f"{save_model_path!r} exists and is not empty; nothing was written")
     loaded = load_pretrained_model(model_path, model_base, vision_tower=vision_tower)
     loaded.model.save_pretrained(save_model_path)
-    loaded.tokenizer.save_pretrained(save_model_path)
+    save_tokenizer(loaded.tokenizer, save_model_path)
 
 
 def main(argv: list[str] | None = None) -> None:

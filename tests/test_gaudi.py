@@ -8,7 +8,6 @@ subprocesses, so optimum-habana never enters this test process.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -21,13 +20,17 @@ from torch.utils.data import DataLoader
 
 from llava.data.collator import StaticShapes, bucket_lengths
 from llava.data.sampler import ModalityLengthGroupedSampler
+from llava.device import optimum_habana_installed
 from llava.model.builder import build_llava_model, load_tokenizer
 from llava.train.arguments import DataArguments, ModelArguments, TrainingArguments, wants_gaudi
 from llava.train.train import build_data
 from tests.fixtures.training import REPO, dry_run_arguments, training_flags
 
-if importlib.util.find_spec("optimum.habana") is None:  # finds it without importing it
-    pytest.skip("the habana extra is not installed (CI installs it)", allow_module_level=True)
+if not optimum_habana_installed():
+    pytest.skip(
+        "the habana extra is not installed (CI's second environment has it)",
+        allow_module_level=True,
+    )
 
 
 @pytest.fixture(scope="module")

@@ -47,6 +47,20 @@ def test_every_pairing_builds_trains_and_round_trips(tower, llm, tiny_towers, ti
         assert torch.equal(ours, theirs), name
 
 
+@pytest.mark.parametrize("tower", ["clip", "open_clip"])
+def test_building_keeps_the_pretrained_weights(tower, tiny_towers, tiny_llama_path):
+    """The model's own initialisation (post_init) leaves the loaded parts as they were."""
+    from transformers import AutoModelForCausalLM
+
+    model = build_llava_model(tiny_llama_path, tiny_towers[tower])
+    expected_llm = AutoModelForCausalLM.from_pretrained(tiny_llama_path).state_dict()
+    expected_tower = load_vision_tower(tiny_towers[tower]).state_dict()
+    for name, value in model.language_model.state_dict().items():
+        assert torch.equal(value, expected_llm[name]), name
+    for name, value in model.vision_tower.state_dict().items():
+        assert torch.equal(value, expected_tower[name]), name
+
+
 def test_saved_model_loads_after_the_tower_checkpoint_is_gone(tiny_llama_path, tmp_path):
     tower_path = save_tiny_clip(str(tmp_path / "clip_that_moves"))
     model = build_llava_model(tiny_llama_path, tower_path)

@@ -20,6 +20,7 @@ from transformers import (
 
 from llava.bench.configs import BenchConfig
 from llava.bench.synthetic import build_tokenizer, write_data, write_images
+from llava.compat import save_tokenizer
 from llava.constants import IMAGE_TOKEN
 from llava.model.builder import build_llava_model
 from llava.model.hf_llava import hf_llava_config, hf_llava_state_dict
@@ -118,7 +119,7 @@ def write_models(assets: Assets, config: BenchConfig, seed: int) -> None:
     with construction(config):
         llm, tower = LlamaForCausalLM(llama_config(config)), CLIPVisionModel(clip_config(config))
     llm.save_pretrained(assets.llm)
-    tokenizer.save_pretrained(assets.llm)
+    save_tokenizer(tokenizer, assets.llm)
     tower.save_pretrained(assets.clip)
     clip_processor(config).save_pretrained(assets.clip)
     del llm, tower
@@ -140,7 +141,7 @@ def write_models(assets: Assets, config: BenchConfig, seed: int) -> None:
     if missing or unexpected:
         raise RuntimeError(f"weight mapping incomplete: {missing} {unexpected}")
     hf_model.save_pretrained(assets.hf_llava)
-    tokenizer.save_pretrained(assets.hf_llava)
+    save_tokenizer(tokenizer, assets.hf_llava)
     clip_processor(config).save_pretrained(assets.hf_llava)
 
 

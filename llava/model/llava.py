@@ -220,6 +220,10 @@ class LlavaForCausalLM(PreTrainedModel):
         )
         self.language_model = language_model
         self._no_split_modules = list(getattr(language_model, "_no_split_modules", None) or [])
+        # Collects the parts' tied weights and other static properties (5.x needs them to load
+        # and save). Initialises only what is not initialised yet: the projector (a no-op,
+        # see _init_weights); the pretrained parts are marked initialised by their own.
+        self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
         """Pretrained parts arrive initialised; the projector keeps nn.Linear's default init."""

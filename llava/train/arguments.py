@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 import transformers
 from transformers.hf_argparser import string_to_bool
 
+from llava.compat import restored_training_fields
+
 
 @dataclass
 class ModelArguments:
@@ -221,7 +223,9 @@ class HabanaFlags:
 
 
 @dataclass
-class TrainingArguments(LlavaTrainingFields, HabanaFlags, transformers.TrainingArguments):
+class TrainingArguments(
+    LlavaTrainingFields, HabanaFlags, restored_training_fields(), transformers.TrainingArguments
+):
     """Training arguments for GPU and CPU runs (transformers' Trainer).
 
     `--attn_implementation` lives here because optimum-habana's arguments have their own

@@ -16,6 +16,7 @@ from typing import Any
 
 from transformers import Trainer
 
+from llava.compat import restored_training_fields
 from llava.train.arguments import LlavaTrainingFields
 from llava.train.trainer import LlavaTrainerMixin
 
@@ -46,7 +47,7 @@ def gaudi_training_arguments_class() -> type:
     base = import_optimum_habana().GaudiTrainingArguments
 
     @dataclass
-    class GaudiLlavaTrainingArguments(LlavaTrainingFields, base):
+    class GaudiLlavaTrainingArguments(LlavaTrainingFields, restored_training_fields(base), base):
         """Training arguments for Gaudi (GaudiTrainer): bf16 only, static shapes by default."""
 
         num_length_buckets: int = field(

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import Trainer
 
+from llava.compat import make_tokenizer_config_portable
 from llava.data.packing import without_sample_lengths
 from llava.model.weights import NON_LORA_TRAINABLES_FILE, PROJECTOR_FILE
 from llava.train.checkpoint import (
@@ -167,6 +168,8 @@ class LlavaTrainerMixin:
                 base.config.save_pretrained(output_dir)
             return
         super().save_model(output_dir, _internal_call=_internal_call)
+        if write and self.processing_class is not None:  # the trainer saved it beside the model
+            make_tokenizer_config_portable(self.processing_class, output_dir)
         if self.stage_plan.lora:
             save_non_lora_trainables(self.model, output_dir, write)
             if write:

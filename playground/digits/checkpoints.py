@@ -18,16 +18,15 @@ import os
 
 import torch
 from transformers import (
-    AutoTokenizer,
     CLIPConfig,
     CLIPImageProcessor,
     CLIPModel,
     LlamaConfig,
     LlamaForCausalLM,
-    LlamaTokenizer,
     PreTrainedTokenizerBase,
 )
 
+from llava import compat
 from llava.conversation import TEMPLATES
 from playground.digits.data import demo_sentences
 
@@ -75,13 +74,19 @@ def train_sentencepiece(
 
 def save_tokenizer(folder: str) -> PreTrainedTokenizerBase:
     """tokenizer.model plus the fast tokenizer.json, as Llama checkpoints ship them."""
+    return save_sentencepiece_tokenizer(folder, train_sentencepiece(tokenizer_corpus()), False)
+
+
+def save_sentencepiece_tokenizer(
+    folder: str, model: bytes, legacy: bool, chat_template: str | None = None
+) -> PreTrainedTokenizerBase:
+    """A serialized sentencepiece model saved as a Llama tokenizer folder (tokenizer.model,
+    tokenizer.json, tokenizer_config.json with `legacy`), loadable by either transformers line."""
     os.makedirs(folder, exist_ok=True)
-    model_file = os.path.join(folder, "tokenizer.model")
-    with open(model_file, "wb") as f:
-        f.write(train_sentencepiece(tokenizer_corpus()))
-    LlamaTokenizer(vocab_file=model_file, legacy=False).save_pretrained(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    with open(os.path.join(folder, "tokenizer.model"), "wb") as f:
+        f.write(model)
+    tokenizer = compat.sentencepiece_llama_tokenizer(folder, legacy, chat_template=chat_template)
+    compat.save_tokenizer(tokenizer, folder)
     return tokenizer
 
 
