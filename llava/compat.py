@@ -9,7 +9,10 @@ lives here, behind one name each, so no other module compares versions:
   the LLaVA-1.5 scripts pass and which keep their meaning here;
 - weight tying: 5.x ties from `_tied_weights_keys` mappings and asks every model for
   `all_tied_weights_keys`;
-- the Trainer hooks the project overrides, whose signatures moved.
+- the Trainer hooks the project overrides, whose signatures moved;
+- saved files: 5.x writes RoPE settings under `rope_parameters` and flattens the CLIP/SigLIP
+  vision models' weight names, which 4.55 reads as missing; saves here keep the 4.x layout,
+  which both lines read.
 
 Where both lines offer a public API it is used; a private one only where none exists.
 """
@@ -23,8 +26,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import transformers
 from packaging.version import Version
+from transformers import CLIPVisionModel, SiglipVisionModel
 
 TRANSFORMERS_VERSION = Version(transformers.__version__)
 # The first line without slow tokenizers, overwrite_output_dir and warmup_ratio.
@@ -198,3 +203,94 @@ def restored_training_fields(base: type | None = None) -> type:
 @dataclass
 class KeptTrainingFields:
     """Stands for DroppedTrainingFields where transformers still has those flags."""
+
+
+# -- model configs -------------------------------------------------------------------------------
+CONFIG_FILE = "config.json"
+# 5.x nests per-attention-type RoPE settings; 4.x (Gemma 3) keeps the local one apart.
+LOCAL_ROPE_KEYS = {"sliding_attention": "rope_local_base_freq"}
+
+
+def portable_config_dict(config: dict[str, Any]) -> dict[str, Any]:
+    """A config dict both lines read alike: beside 5.x's `rope_parameters`, the 4.x keys.
+
+    4.55 ignores `rope_parameters`: a 5.x config of a model with rope_theta 5e5 (Llama 3)
+    or 1e6 (Qwen2) would load there with the default 1e4 and silently wrong positions. 5.x
+    reads the 4.x keys too and gives them the same meaning. Nested configs (text_config,
+    vision_config) are handled alike.
+    """
+    portable = {
+        key: portable_config_dict(value) if isinstance(value, dict) else value
+        for key, value in config.items()
+    }
+    rope = config.get("rope_parameters")
+    if not isinstance(rope, dict):
+        return portable
+    if "full_attention" in rope:  # nested per attention type
+        for layer_type, key in LOCAL_ROPE_KEYS.items():
+            if isinstance(rope.get(layer_type), dict) and "rope_theta" in rope[layer_type]:
+                portable.setdefault(key, rope[layer_type]["rope_theta"])
+        rope = rope["full_attention"] or {}
+    if "rope_theta" in rope:
+        portable.setdefault("rope_theta", rope["rope_theta"])
+    scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    if scaling.get("rope_type", "default") != "default":
+        portable.setdefault("rope_scaling", scaling)
+    return portable
+
+
+def make_config_portable(folder: str) -> None:
+    """Rewrite a saved config.json with `portable_config_dict`."""
+    path = os.path.join(folder, CONFIG_FILE)
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(portable_config_dict(config), f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+# -- weight names --------------------------------------------------------------------------------
+# Vision models whose 4.x weights all sit under `vision_model.`; 5.x dropped that level (and
+# loads both layouts), 4.55 reads the flat names as missing weights.
+NESTED_VISION_MODELS = (CLIPVisionModel, SiglipVisionModel)
+NESTING = "vision_model."
+
+
+def flattened_vision_prefixes(model: torch.nn.Module) -> list[str]:
+    """Paths ("vision_tower.vision_model.") of the vision models in `model` stored without
+    their `vision_model.` level: all of them on 5.x, none on 4.55."""
+    return [
+        name + "." if name else ""
+        for name, module in model.named_modules()
+        if isinstance(module, NESTED_VISION_MODELS) and not hasattr(module, "vision_model")
+    ]
+
+
+def portable_state_dict(
+    model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """`model`'s state dict with the 4.x weight names, which both lines load."""
+    prefixes = flattened_vision_prefixes(model)
+    if not prefixes:
+        return state_dict
+    portable = {}
+    for key, value in state_dict.items():
+        prefix = next((p for p in prefixes if key.startswith(p)), None)
+        if prefix is not None and not key.startswith(prefix + NESTING):
+            key = prefix + NESTING + key[len(prefix) :]
+        portable[key] = value
+    return portable
+
+
+def native_state_dict(
+    model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """A state dict saved in either layout -> the names `model` has on this line."""
+    prefixes = flattened_vision_prefixes(model)
+    native = {}
+    for key, value in state_dict.items():
+        prefix = next((p for p in prefixes if key.startswith(p + NESTING)), None)
+        if prefix is not None:
+            key = prefix + key[len(prefix + NESTING) :]
+        native[key] = value
+    return native

@@ -14,7 +14,7 @@ import os
 import torch
 from transformers import LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerBase
 
-from llava.compat import save_processor
+from llava.compat import make_config_portable, portable_state_dict, save_processor
 from llava.constants import IMAGE_TOKEN
 from llava.conversation import get_template
 from llava.model.builder import load_pretrained_model
@@ -87,7 +87,11 @@ def export(
         image_token=IMAGE_TOKEN,
         chat_template=chat_template,
     )
-    hf_model.save_pretrained(output_dir)
+    # Weight names and config keys in the layout both transformers lines load.
+    hf_model.save_pretrained(
+        output_dir, state_dict=portable_state_dict(hf_model, hf_model.state_dict())
+    )
+    make_config_portable(output_dir)
     save_processor(processor, output_dir)  # in the layout both transformers lines read
 
 

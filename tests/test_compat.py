@@ -1,9 +1,11 @@
-"""The two transformers lines behave alike through llava.compat: flags, schedules, tokenizers."""
+"""The two transformers lines behave alike through llava.compat: flags, schedules, tokenizers,
+saved weight names."""
 
 from __future__ import annotations
 
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,8 +13,12 @@ import transformers
 from transformers import AutoTokenizer
 
 from llava import compat
-from llava.train.arguments import parse_arguments
+from llava.model.builder import build_llava_model
+from llava.model.weights import NON_LORA_TRAINABLES_FILE
+from llava.train.arguments import check_world_size, parse_arguments
+from llava.train.checkpoint import load_non_lora_trainables, unwrap_base
 from llava.train.train import resume_checkpoint
+from tests.fixtures.checkpoints import write_lora_checkpoint
 from tests.fixtures.tokenizers import save_sentencepiece_llama_tokenizer
 
 REQUIRED = ["--model_name_or_path", "m", "--output_dir", "out", "--report_to", "none"]
@@ -97,3 +103,30 @@ def test_legacy_modes_differ_on_this_line(tmp_path):
         tokenizer = AutoTokenizer.from_pretrained(folder)
         texts[legacy] = tokenizer("A cat</s>sat")["input_ids"]
     assert texts[False] != texts[True]
+
+
+def test_a_trained_tower_is_stored_under_the_names_both_lines_load(
+    tiny_llama_path, tiny_clip_path, tmp_path
+):
+    folder = str(tmp_path / "lora")
+    trained = unwrap_base(
+        write_lora_checkpoint(tiny_llama_path, tiny_clip_path, folder, tune_vision_tower=True)
+    )
+    stored = torch.load(os.path.join(folder, NON_LORA_TRAINABLES_FILE), weights_only=True)
+    tower = [key for key in stored if ".vision_tower." in key]
+    assert tower and all(
+        key.startswith("base_model.model.vision_tower.vision_model.vision_model.") for key in tower
+    )
+    fresh = build_llava_model(tiny_llama_path, tiny_clip_path)
+    load_non_lora_trainables(fresh, os.path.join(folder, NON_LORA_TRAINABLES_FILE))
+    for name, value in trained.vision_tower.state_dict().items():
+        assert torch.equal(fresh.vision_tower.state_dict()[name], value), name
+
+
+def test_a_launch_the_arguments_miscount_is_a_clear_error(monkeypatch):
+    miscounted = SimpleNamespace(deepspeed="scripts/zero2.json", world_size=1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="started 2 processes .* see 1"):
+        check_world_size(miscounted)
+    check_world_size(SimpleNamespace(deepspeed="scripts/zero2.json", world_size=2))
+    check_world_size(SimpleNamespace(deepspeed=None, world_size=1))

@@ -31,9 +31,14 @@ from llava.model.builder import (
     load_tokenizer,
 )
 from llava.model.hf_llava import jinja_chat_template
-from llava.train.checkpoint import save_non_lora_trainables, save_projector
-from llava.train.lora import add_lora
-from llava.train.stages import apply_stage, plan_stage
+from tests.fixtures.checkpoints import (
+    logits_of,
+    perturb,
+    prompt_inputs,
+    saved_weight_names,
+    write_lora_checkpoint,
+    write_projector_checkpoint,
+)
 from tests.fixtures.datasets import write_shapes_dataset
 from tests.fixtures.models import TINY_IMAGE_SIZE, save_tiny_llm
 from tests.fixtures.tokenizers import save_sentencepiece_llama_tokenizer
@@ -63,28 +68,6 @@ def base_llm(tmp_path_factory) -> str:
     return folder
 
 
-def prompt_inputs(model) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(0)
-    num = model.num_image_tokens
-    return {
-        "input_ids": torch.tensor([[1, 40, 41] + [IMAGE_PLACEHOLDER_ID] * num + [42, 43]]),
-        "pixel_values": torch.randn(1, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, generator=generator),
-    }
-
-
-def logits_of(model, inputs) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**inputs).logits
-
-
-def perturb(module: torch.nn.Module, seed: int) -> None:
-    """Move weights away from their initial values, as training would."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in module.parameters():
-            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
-
-
 def test_full_checkpoint_loads_on_its_own(base_llm, tiny_clip_path, tmp_path):
     model = build_llava_model(base_llm, tiny_clip_path).eval()
     perturb(model.projector, 1)
@@ -99,10 +82,7 @@ def test_full_checkpoint_loads_on_its_own(base_llm, tiny_clip_path, tmp_path):
 
 
 def test_projector_checkpoint_loads_over_its_base(base_llm, tiny_clip_path, tmp_path):
-    model = build_llava_model(base_llm, tiny_clip_path).eval()
-    perturb(model.projector, 2)
-    save_projector(model, str(tmp_path), write=True)
-    model.config.save_pretrained(tmp_path)
+    model = write_projector_checkpoint(base_llm, tiny_clip_path, str(tmp_path))
     assert checkpoint_kind(str(tmp_path)) == "projector"
     with pytest.raises(ValueError, match="pass --model-base"):
         load_pretrained_model(str(tmp_path))
@@ -114,18 +94,8 @@ def test_projector_checkpoint_loads_over_its_base(base_llm, tiny_clip_path, tmp_
 @pytest.fixture
 def lora_checkpoint(base_llm, tiny_clip_path, tmp_path):
     """A LoRA checkpoint as training writes it, and the peft model it came from."""
-    model = build_llava_model(base_llm, tiny_clip_path)
-    apply_stage(model, plan_stage(False, True, False, False, False))
-    wrapped = add_lora(model, r=4, alpha=8, dropout=0.0, bias="none")
-    perturb(model.projector, 3)
-    for name, parameter in wrapped.named_parameters():
-        if "lora_B" in name:  # lora_B starts at zero: give the adapter an effect
-            perturb(torch.nn.ParameterList([parameter]), 4)
-    folder = tmp_path / "lora"
-    wrapped.save_pretrained(folder)
-    save_non_lora_trainables(wrapped, str(folder), write=True)
-    model.config.save_pretrained(folder)
-    return str(folder), wrapped.eval()
+    folder = str(tmp_path / "lora")
+    return folder, write_lora_checkpoint(base_llm, tiny_clip_path, folder)
 
 
 def test_lora_checkpoint_loads_with_the_same_outputs(lora_checkpoint, base_llm):
@@ -200,11 +170,20 @@ def test_export_loads_in_plain_transformers_with_the_same_logits(
     perturb(model.projector, 5)
     source = tmp_path / "model"
     model.save_pretrained(source)
+    # Tower weights under the 4.x names, which both transformers lines load (5.x flattens them).
+    tower_names = [n for n in saved_weight_names(str(source)) if n.startswith("vision_tower.")]
+    assert tower_names and all(
+        n.startswith("vision_tower.vision_model.vision_model.") for n in tower_names
+    )
     loaded_tokenizer = load_pretrained_model(str(source), model_base=base_llm).tokenizer
     loaded_tokenizer.save_pretrained(source)
     out = tmp_path / "hf"
     export(str(source), str(out))
 
+    exported_tower = [n for n in saved_weight_names(str(out)) if n.startswith("vision_tower.")]
+    assert exported_tower and all(
+        n.startswith("vision_tower.vision_model.") for n in exported_tower
+    )
     hf_model = LlavaForConditionalGeneration.from_pretrained(out).eval()
     processor = AutoProcessor.from_pretrained(out)
     image = (torch.rand(TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, 3) * 255).to(torch.uint8).numpy()

@@ -142,7 +142,7 @@ def test_non_lora_trainables_hold_the_projector(model, tmp_path):
     apply_stage(model, plan_stage(False, True, False, False, False))
     wrapped = add_lora(model, r=4, alpha=8, dropout=0.0, bias="none")
     save_non_lora_trainables(wrapped, str(tmp_path), write=True)
-    state = read_non_lora_trainables(str(tmp_path / NON_LORA_TRAINABLES_FILE))
+    state = read_non_lora_trainables(str(tmp_path / NON_LORA_TRAINABLES_FILE), model)
     assert set(state) == {f"projector.{k}" for k in model.projector.state_dict()}
     assert torch.equal(state["projector.0.weight"], model.projector[0].weight)
 

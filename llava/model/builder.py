@@ -212,7 +212,7 @@ def merge_lora_checkpoint(model: LlavaForCausalLM, model_path: str) -> LlavaForC
     """Load non_lora_trainables.bin and the adapter onto the base, then merge the adapter."""
     from peft import PeftModel
 
-    non_lora = read_non_lora_trainables(os.path.join(model_path, NON_LORA_TRAINABLES_FILE))
+    non_lora = read_non_lora_trainables(os.path.join(model_path, NON_LORA_TRAINABLES_FILE), model)
     missing = sorted(set(non_lora) - set(model.state_dict()))
     if missing:
         raise ValueError(f"{model_path}: non-LoRA weights for unknown parameters {missing[:5]}")

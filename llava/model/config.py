@@ -6,6 +6,8 @@ from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 
+from llava.compat import portable_config_dict
+
 
 class LlavaConfig(PretrainedConfig):
     """Config of `LlavaForCausalLM`.
@@ -50,6 +52,10 @@ class LlavaConfig(PretrainedConfig):
         # Set after the base __init__, whose attn_implementation default would overwrite the
         # text config's own choice through the sub-config propagation.
         self.text_config = text_config
+
+    def to_dict(self) -> dict[str, Any]:
+        """As saved in config.json: readable by both transformers lines (see llava.compat)."""
+        return portable_config_dict(super().to_dict())
 
     @property
     def hidden_size(self) -> int:

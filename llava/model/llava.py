@@ -14,6 +14,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import AttentionInterface
 
+from llava.compat import portable_state_dict
 from llava.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
 from llava.model.config import LlavaConfig
 from llava.model.projector import build_projector
@@ -227,6 +228,12 @@ class LlavaForCausalLM(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         """Pretrained parts arrive initialised; the projector keeps nn.Linear's default init."""
+
+    def save_pretrained(self, save_directory: str, *args: Any, state_dict=None, **kwargs: Any):
+        """As transformers saves, with the weight names both lines load (llava.compat)."""
+        state_dict = self.state_dict() if state_dict is None else state_dict
+        state_dict = portable_state_dict(self, state_dict)
+        return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
 
     # -- pieces transformers and peft look for ------------------------------------------------
     def get_input_embeddings(self) -> nn.Module:

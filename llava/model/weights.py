@@ -10,6 +10,8 @@ import os
 
 import torch
 
+from llava.compat import native_state_dict, portable_state_dict
+
 PROJECTOR_FILE = "mm_projector.bin"
 NON_LORA_TRAINABLES_FILE = "non_lora_trainables.bin"
 ORIGINAL_PROJECTOR_PREFIX = "model.mm_projector."
@@ -58,8 +60,16 @@ def non_lora_file_key(model_key: str) -> str:
     return PEFT_PREFIX + model_key
 
 
-def read_non_lora_trainables(path: str) -> dict[str, torch.Tensor]:
-    """non_lora_trainables.bin -> a state dict keyed by our (un-wrapped) model's names."""
+def non_lora_file_state(
+    model: torch.nn.Module, state: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Non-LoRA trainables of the (un-wrapped) `model` -> what non_lora_trainables.bin holds."""
+    portable = portable_state_dict(model, state)
+    return {non_lora_file_key(name): value.cpu() for name, value in portable.items()}
+
+
+def read_non_lora_trainables(path: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """non_lora_trainables.bin -> a state dict keyed by the (un-wrapped) `model`'s names."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     result = {}
     for key, value in state.items():
@@ -68,4 +78,4 @@ def read_non_lora_trainables(path: str) -> dict[str, torch.Tensor]:
             result["projector." + stripped] = value
         else:
             result[key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key] = value
-    return result
+    return native_state_dict(model, result)

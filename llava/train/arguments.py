@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass, field
 
+import accelerate
 import transformers
 from transformers.hf_argparser import string_to_bool
 
@@ -280,4 +282,21 @@ def parse_arguments(
                 "the Intel Gaudi software stack installs: run on a Gaudi machine"
             ) from error
         raise
+    check_world_size(training_args)
     return model_args, data_args, training_args
+
+
+def check_world_size(training_args: TrainingArguments) -> None:
+    """The launcher's process count must be the one the training arguments saw.
+
+    accelerate 1.13 and later count a DeepSpeed run on a machine without GPUs as one process,
+    so every batch size derived from it (DeepSpeed's train_batch_size) would be wrong.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if training_args.deepspeed and training_args.world_size != launched:
+        raise RuntimeError(
+            f"The launcher started {launched} processes but the training arguments see "
+            f"{training_args.world_size}: accelerate {accelerate.__version__} does not run "
+            "DeepSpeed on a machine without accelerators; install accelerate<1.13 "
+            "(pip install -e . does)"
+        )

@@ -12,7 +12,7 @@ from torch import nn
 from llava.model.weights import (
     NON_LORA_TRAINABLES_FILE,
     PROJECTOR_FILE,
-    non_lora_file_key,
+    non_lora_file_state,
     projector_file_state,
     read_non_lora_trainables,
     read_projector_file,
@@ -96,14 +96,14 @@ def save_non_lora_trainables(model: nn.Module, folder: str, write: bool) -> None
     state = full_state(non_lora_trainables(model))
     if write:
         os.makedirs(folder, exist_ok=True)
-        file_state = {non_lora_file_key(name): value for name, value in state.items()}
+        file_state = non_lora_file_state(unwrap_base(model), state)
         torch.save(file_state, os.path.join(folder, NON_LORA_TRAINABLES_FILE))
 
 
 def load_non_lora_trainables(model: nn.Module, path: str) -> None:
     """Load non_lora_trainables.bin into the (un-wrapped) model; every key must exist."""
     base = unwrap_base(model)
-    state = read_non_lora_trainables(path)
+    state = read_non_lora_trainables(path, base)
     parameters = dict(base.named_parameters())
     unknown = sorted(set(state) - set(parameters))
     if unknown:

@@ -58,11 +58,14 @@ class LlavaTrainerMixin:
         return sampler if sampler is not None else super()._get_train_sampler(train_dataset)
 
     # -- optimizer ----------------------------------------------------------------------------
-    def create_optimizer(self):
-        """AdamW groups: no weight decay on biases and norms; the projector at --mm_projector_lr."""
+    def create_optimizer(self, model=None):
+        """AdamW groups: no weight decay on biases and norms; the projector at --mm_projector_lr.
+
+        `model`: the prepared model 5.x passes when it delays the optimizer (FSDP).
+        """
         if self.optimizer is not None:
             return self.optimizer
-        model = self.model
+        model = self.model if model is None else model
         decay_names = set(self.get_decay_parameter_names(model))
         groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
         for name, parameter in model.named_parameters():
