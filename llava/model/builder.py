@@ -11,6 +11,15 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from llava.device import resolve_device
+from llava.files import (
+    CONFIG_FILE,
+    MissingFileError,
+    UnreadableFileError,
+    check_files_present_in,
+    check_model_folder,
+    check_readable,
+    read_json_object,
+)
 from llava.model.config import LlavaConfig
 from llava.model.llava import LlavaForCausalLM
 from llava.model.vision_tower import describe_vision_tower, load_vision_tower
@@ -20,6 +29,43 @@ from llava.model.weights import (
     read_non_lora_trainables,
     read_projector_file,
 )
+
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+TOKENIZER_FILES = (
+    "tokenizer_config.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+)
+
+
+def looks_like_local_path(name_or_path: str) -> bool:
+    """A path the user meant as a folder here, not a hub id such as 'lmsys/vicuna-7b-v1.5'."""
+    return os.path.exists(name_or_path) or name_or_path.startswith((os.sep, ".", "~"))
+
+
+def check_pretrained_source(name_or_path: str) -> None:
+    """A local model folder gets its files checked; a hub id is left to transformers."""
+    if looks_like_local_path(name_or_path):
+        check_model_folder(os.path.expanduser(name_or_path))
+
+
+def check_tokenizer_source(name_or_path: str) -> None:
+    """A local tokenizer folder exists, is not empty, and its tokenizer files are whole."""
+    if not looks_like_local_path(name_or_path):
+        return
+    folder = os.path.expanduser(name_or_path)
+    expected = f"expected a tokenizer: {', '.join(TOKENIZER_FILES[:3])} or the like"
+    if not os.path.isdir(folder):
+        raise MissingFileError(folder, f"no such folder ({expected})")
+    if not os.listdir(folder):
+        raise UnreadableFileError(folder, f"empty folder ({expected})")
+    check_files_present_in(folder, TOKENIZER_FILES)
 
 
 def load_vision_tower_processor(
@@ -45,6 +91,11 @@ def build_llava_model(
     `language_model_kwargs` go to `AutoModelForCausalLM.from_pretrained` (for example a
     `quantization_config` for QLoRA).
     """
+    check_pretrained_source(model_name_or_path)
+    if os.path.isdir(vision_tower):  # an HF tower folder; open_clip specs and hub ids are not
+        check_model_folder(vision_tower)
+    if vision_tower_pretrained is not None and looks_like_local_path(vision_tower_pretrained):
+        check_readable(vision_tower_pretrained)
     language_model = AutoModelForCausalLM.from_pretrained(
         model_name_or_path,
         torch_dtype=torch_dtype,
@@ -79,6 +130,7 @@ def load_tokenizer(
     name_or_path: str, model_max_length: int | None = None, padding_side: str = "right"
 ) -> PreTrainedTokenizerBase:
     """The language model's tokenizer, with a pad token (unk or eos when it has none)."""
+    check_tokenizer_source(name_or_path)
     kwargs: dict[str, Any] = {"padding_side": padding_side}
     if model_max_length is not None:
         kwargs["model_max_length"] = model_max_length
@@ -92,23 +144,63 @@ def load_tokenizer(
 # Loading a trained checkpoint, whatever kind it is, decided from the files it holds.
 
 CHECKPOINT_KINDS = ("full", "lora", "projector")
+CHECKPOINT_CONTENTS = (
+    f"model weights and {CONFIG_FILE} (a full model), {ADAPTER_CONFIG_FILE} with the adapter "
+    f"(LoRA), or {PROJECTOR_FILE} and {CONFIG_FILE} (a stage-1 projector)"
+)
+
+
+def is_model_weights_file(name: str) -> bool:
+    """model.safetensors, pytorch_model.bin, their shards and shard indexes."""
+    return name.startswith(("model", "pytorch_model")) and name.endswith(
+        (".safetensors", ".bin", ".index.json")
+    )
 
 
 def checkpoint_kind(model_path: str) -> str:
     """'full' (weights + config), 'lora' (adapter + non-LoRA trainables) or 'projector'."""
     if not os.path.isdir(model_path):
-        raise FileNotFoundError(f"No checkpoint folder at {model_path!r}")
+        raise MissingFileError(
+            model_path, f"no checkpoint folder here (expected {CHECKPOINT_CONTENTS})"
+        )
     files = set(os.listdir(model_path))
-    if "adapter_config.json" in files:
+    if not files:
+        raise UnreadableFileError(model_path, f"empty folder (expected {CHECKPOINT_CONTENTS})")
+    if ADAPTER_CONFIG_FILE in files:
         return "lora"
-    if any(name.startswith("model") and name.endswith((".safetensors", ".bin")) for name in files):
+    if any(is_model_weights_file(name) for name in files):
         return "full"
     if PROJECTOR_FILE in files:
         return "projector"
     raise ValueError(
         f"{model_path!r} is not a checkpoint this project wrote: it has neither model weights, "
-        f"adapter_config.json nor {PROJECTOR_FILE} (files: {sorted(files)})"
+        f"{ADAPTER_CONFIG_FILE} nor {PROJECTOR_FILE} (files: {sorted(files)})"
     )
+
+
+def adapter_weights_file(model_path: str) -> str:
+    """The adapter's weights as peft saved them (safetensors, or .bin from older peft)."""
+    for name in ADAPTER_WEIGHT_FILES:
+        path = os.path.join(model_path, name)
+        if os.path.exists(path):
+            return path
+    raise MissingFileError(
+        model_path, f"no LoRA adapter weights (expected {' or '.join(ADAPTER_WEIGHT_FILES)})"
+    )
+
+
+def check_checkpoint_files(model_path: str, kind: str) -> None:
+    """Every file the loader of `kind` reads is whole, checked before anything loads."""
+    if kind == "full":
+        check_model_folder(model_path)
+        return
+    read_json_object(os.path.join(model_path, CONFIG_FILE))
+    if kind == "projector":
+        check_readable(os.path.join(model_path, PROJECTOR_FILE))
+        return
+    read_json_object(os.path.join(model_path, ADAPTER_CONFIG_FILE))
+    check_readable(adapter_weights_file(model_path))
+    check_readable(os.path.join(model_path, NON_LORA_TRAINABLES_FILE))
 
 
 @dataclass
@@ -176,6 +268,9 @@ def load_pretrained_model(
     are merged into the base weights for inference.
     """
     kind = checkpoint_kind(model_path)
+    check_checkpoint_files(model_path, kind)
+    if kind != "full" and model_base is not None:
+        check_pretrained_source(model_base)  # before its tokenizer loads
     language_model_kwargs = quantized_loading_kwargs(load_8bit, load_4bit)
     if language_model_kwargs:  # bitsandbytes places the weights it quantizes
         language_model_kwargs["device_map"] = {"": str(device)}

@@ -23,6 +23,13 @@ from transformers import (
     SiglipVisionModel,
 )
 
+from llava.files import (
+    UnreadableFileError,
+    load_safetensors_file,
+    load_torch_file,
+    read_json_object,
+)
+
 OPEN_CLIP_SCHEME = "open_clip:"
 SELECT_FEATURES = ("patch", "cls_patch")
 
@@ -243,8 +250,11 @@ def open_clip_model_cfg(model_name: str) -> dict[str, Any]:
     import open_clip
 
     if model_name.startswith("local-dir:"):
-        with open(os.path.join(model_name[len("local-dir:") :], "open_clip_config.json")) as f:
-            return json.load(f)["model_cfg"]
+        path = os.path.join(model_name[len("local-dir:") :], "open_clip_config.json")
+        config = read_json_object(path)
+        if "model_cfg" not in config:
+            raise UnreadableFileError(path, "no 'model_cfg' in this open_clip config")
+        return config["model_cfg"]
     cfg = open_clip.get_model_config(model_name)
     if cfg is None:
         raise ValueError(f"open_clip knows no model named {model_name!r}")
@@ -301,11 +311,12 @@ def build_open_clip_visual(model_cfg: dict[str, Any], weights: str | None) -> nn
 
 
 def open_clip_state_dict(weights: str) -> dict[str, torch.Tensor]:
+    """The tower's weights file; a missing, truncated or unreadable one is an error naming it."""
     if weights.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(weights)
-    state = torch.load(weights, map_location="cpu", weights_only=True)
+        return load_safetensors_file(weights)
+    state = load_torch_file(weights)
+    if not isinstance(state, dict):
+        raise UnreadableFileError(weights, "does not hold a state dict")
     return state.get("state_dict", state)
 
 

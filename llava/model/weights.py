@@ -11,6 +11,7 @@ import os
 import torch
 
 from llava.compat import native_state_dict, portable_state_dict
+from llava.files import UnreadableFileError, load_torch_file
 
 PROJECTOR_FILE = "mm_projector.bin"
 NON_LORA_TRAINABLES_FILE = "non_lora_trainables.bin"
@@ -39,11 +40,22 @@ def strip_projector_prefix(key: str) -> str | None:
     return None
 
 
+def read_state_dict_file(path: str) -> dict[str, torch.Tensor]:
+    """A torch.save'd {name: tensor} dict; a truncated or foreign file is named in the error."""
+    state = load_torch_file(path)
+    if not isinstance(state, dict):
+        raise UnreadableFileError(path, f"holds a {type(state).__name__}, not a state dict")
+    not_tensors = [key for key, value in state.items() if not isinstance(value, torch.Tensor)]
+    if not_tensors:
+        raise UnreadableFileError(path, f"not a state dict: {not_tensors[:5]} are not tensors")
+    return state
+
+
 def read_projector_file(path: str) -> dict[str, torch.Tensor]:
     """mm_projector.bin (ours or the original LLaVA's) -> the projector's state dict."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No projector weights at {path!r} (expected {PROJECTOR_FILE})")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_state_dict_file(path)
     projector_state = {}
     for key, value in state.items():
         stripped = strip_projector_prefix(key)
@@ -70,7 +82,7 @@ def non_lora_file_state(
 
 def read_non_lora_trainables(path: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """non_lora_trainables.bin -> a state dict keyed by the (un-wrapped) `model`'s names."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_state_dict_file(path)
     result = {}
     for key, value in state.items():
         stripped = strip_projector_prefix(key)
