@@ -64,9 +64,9 @@ def test_llava_json_single_multi_and_text_only(tmp_path, image_folder, name):
     assert len(multi.images) == 2 and text.images == () and text.turns[0].text == "Hi?"
 
 
-def test_images_without_tags_are_tagged_and_paths_default_to_the_file_folder(tmp_path):
+def test_image_paths_default_to_the_file_folder(tmp_path):
     write_image(str(tmp_path / "c.png"))
-    rows = [llava_row(0, "c.png", [("human", "Describe."), ("gpt", "Red.")])]
+    rows = [llava_row(0, "c.png", [("human", "Describe.<image>"), ("gpt", "Red.")])]
     (record,) = load_records(write_rows(str(tmp_path), rows)).records
     assert record.turns[0].text == "<image>\nDescribe."
     assert record.images == (str(tmp_path / "c.png"),)
@@ -184,6 +184,10 @@ BAD_CASES = {
     "more tags than images": (
         llava_row(1, "a.png", [("human", "<image> and <image>"), ("gpt", "Two.")]),
         "2 <image> tags but 1 images",
+    ),
+    "image without a tag": (
+        llava_row(1, "a.png", [("human", "Describe."), ("gpt", "Red.")]),
+        "1 images but no <image> tag in the text",
     ),
     "empty conversation": ({"id": "r1", "conversations": []}, "empty conversation"),
     "unknown role": (

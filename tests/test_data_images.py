@@ -82,5 +82,7 @@ def test_unreadable_image_and_unknown_aspect_ratio(tmp_path, processor):
     broken.write_bytes(b"not an image")
     with pytest.raises(ValueError, match="unreadable image .*broken.jpg"):
         load_image(str(broken))
-    with pytest.raises(ValueError, match="image_aspect_ratio 'anyres'"):
+    with pytest.raises(
+        ValueError, match="--image_aspect_ratio must be one of pad, square, not 'anyres'"
+    ):
         process_images([Image.new("RGB", (4, 4))], processor, "anyres")

@@ -125,7 +125,7 @@ def test_unreadable_image_fails_or_is_replaced(tokenizer, processor, data, tmp_p
     replacement = skipping[1]  # the next good sample of the same modality
     assert replacement["pixel_values"].shape == (1, 3, 32, 32)
     assert torch.equal(replacement["input_ids"], skipping[0]["input_ids"])
-    assert skipping.summary.skipped_at_load == 1
+    assert skipping.summary.replaced_when_decoding == 1
 
 
 def test_images_without_a_processor_fail_clearly(tokenizer, data):

@@ -3,8 +3,12 @@
 At construction every record is rendered and tokenized once (text only, fast) to learn its
 true length with image placeholders, whether truncation shortens or drops it, and whether any
 supervised token is left; nothing is kept but the record and its length. Images are decoded
-only in `__getitem__`. Bad records raise `BadRecordError` naming file and index, or with
-`skip_bad_records` are skipped and counted; every drop is counted in one summary line.
+only in `__getitem__`. Bad records raise `BadRecordError` naming file, index and id. With
+`skip_bad_records`, those a cheap check finds (format, roles, tags against images, missing image
+files, text the template rejects) are dropped here and counted in the summary line; those found
+only when an image is decoded (unreadable, over --max_image_pixels) are replaced by the next
+sample of the same modality, the same one on every rank and on resume. Every skipped record is
+listed through `llava.data.skipped` when a `skip_log_dir` is given.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import copy
 import logging
 import math
 import random
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +27,13 @@ from torch.utils.data import Dataset
 from llava.conversation import ChatTemplate, get_template
 from llava.data.collator import SupervisedCollator, pad_token_id_of
 from llava.data.formats import BadRecordError, Record, load_records
-from llava.data.images import load_image, process_images
+from llava.data.images import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    check_aspect_ratio,
+    load_image,
+    process_images,
+)
+from llava.data.skipped import DECODE, LOAD, SkipLog
 from llava.data.tokenize import (
     NO_SUPERVISION,
     SHORTENED,
@@ -40,7 +51,12 @@ ENCODE_BLOCK = 512  # records tokenized per batched tokenizer call at constructi
 
 @dataclass
 class DataSummary:
-    """What happened to the records of one data path."""
+    """What happened to the records of one data path while the dataset was built.
+
+    Exact and the same on every rank. Bad records found later, when a sample's images are
+    decoded, are counted per process in `replaced_when_decoding`; their exact total over ranks,
+    loader workers and epochs is `collect_skipped_records`'s.
+    """
 
     source: str
     records: int = 0
@@ -50,7 +66,7 @@ class DataSummary:
     dropped_no_supervision: int = 0
     image_samples: int = 0
     text_samples: int = 0
-    skipped_at_load: int = 0  # bad records found when a sample was loaded (unreadable image)
+    replaced_when_decoding: int = 0  # distinct bad records this process met in __getitem__
     reasons: list[str] = field(default_factory=list)  # the first few bad-record messages
 
     @property
@@ -87,19 +103,29 @@ class SupervisedDataset(Dataset):
         mm_use_im_start_end: bool = False,
         skip_bad_records: bool = False,
         summary: DataSummary | None = None,
+        skipped: Sequence[BadRecordError] = (),
+        skip_log_dir: str | None = None,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     ):
+        """`skipped`: bad records the reader already skipped (counted and listed here);
+        `skip_log_dir`: where skipped records are listed (the run's output_dir)."""
+        check_aspect_ratio(image_aspect_ratio)
         self.conversation_tokenizer = ConversationTokenizer(
             tokenizer, template, num_image_tokens, mm_use_im_start_end
         )
         self.model_max_length = model_max_length
         self.image_processor = image_processor
         self.image_aspect_ratio = image_aspect_ratio
+        self.max_image_pixels = max_image_pixels
         self.skip_bad_records = skip_bad_records
+        self.skip_log = SkipLog(skip_log_dir)
         self.summary = summary or DataSummary(source="records")
-        self.summary.records = self.summary.records or len(records)
+        self.summary.records = self.summary.records or len(records) + len(skipped)
         self.samples: list[tuple[Record, int]] = []  # (record, number of its images kept)
         self.lengths: list[int] = []
         self.modalities: list[str] = []
+        for error in skipped:
+            self.bad(error)
         for start in range(0, len(records), ENCODE_BLOCK):
             self.add_block(records[start : start + ENCODE_BLOCK])
         logger.warning(self.summary.line())
@@ -134,9 +160,11 @@ class SupervisedDataset(Dataset):
         self.modalities.append(modality)
 
     def bad(self, error: BadRecordError) -> None:
+        """A bad record found while building: raised, or (skip_bad_records) counted and listed."""
         if not self.skip_bad_records:
             raise error
         self.summary.skipped_bad += 1
+        self.skip_log.add(error, LOAD)
         if len(self.summary.reasons) < 10:
             self.summary.reasons.append(str(error))
 
@@ -156,11 +184,12 @@ class SupervisedDataset(Dataset):
         """(num_images, 3, H, W) for the images the sample keeps, None when it keeps none."""
         if num_images == 0:
             return None
+        sources = record.images[:num_images]
         try:
-            images = [load_image(source) for source in record.images[:num_images]]
+            images = [load_image(source, self.max_image_pixels) for source in sources]
+            return process_images(images, self.image_processor, self.image_aspect_ratio)
         except ValueError as error:
             raise BadRecordError(record.source, record.index, str(error), record.id) from None
-        return process_images(images, self.image_processor, self.image_aspect_ratio)
 
     def load(self, i: int) -> dict[str, torch.Tensor | None]:
         record, num_images = self.samples[i]
@@ -173,19 +202,20 @@ class SupervisedDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor | None]:
         """Load sample i; with skip_bad_records a bad one is replaced by the next good sample
-        of the same modality (so grouped batches stay one modality)."""
-        for attempt in range(len(self)):
-            j = self.next_of_same_modality(i, attempt)
+        of the same modality (so grouped batches stay one modality).
+
+        The replacement depends only on i and the data, so every rank, loader worker and
+        resumed run picks the same one."""
+        for j in self.same_modality_from(i):
             try:
                 return self.load(j)
             except BadRecordError as error:
                 if not self.skip_bad_records:
                     raise
-                self.summary.skipped_at_load += 1
-                logger.warning(
-                    "skipping (%d so far in this process): %s", self.summary.skipped_at_load, error
-                )
-        raise RuntimeError("every sample of this modality is bad")
+                if self.skip_log.add(error, DECODE):
+                    self.summary.replaced_when_decoding += 1
+                    logger.warning("bad record replaced by the next of its modality: %s", error)
+        raise RuntimeError(f"every {self.modalities[i]} sample of {self.summary.source} is bad")
 
     def select(self, indices: list[int]) -> SupervisedDataset:
         """A dataset of the given samples (same tokenizer, images and policy), in that order."""
@@ -195,11 +225,12 @@ class SupervisedDataset(Dataset):
         subset.modalities = [self.modalities[i] for i in indices]
         return subset
 
-    def next_of_same_modality(self, i: int, attempt: int) -> int:
-        if attempt == 0:
-            return i
-        same = [j for j, m in enumerate(self.modalities) if m == self.modalities[i]]
-        return same[(same.index(i) + attempt) % len(same)]
+    def same_modality_from(self, i: int) -> Iterator[int]:
+        """i, then the following samples of its modality, wrapping around once."""
+        for step in range(len(self)):
+            j = (i + step) % len(self)
+            if self.modalities[j] == self.modalities[i]:
+                yield j
 
 
 def load_supervised_dataset(
@@ -215,15 +246,19 @@ def load_supervised_dataset(
     dataset_image_field: str | None = None,
     skip_bad_records: bool = False,
     mm_use_im_start_end: bool = False,
+    skip_log_dir: str | None = None,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> SupervisedDataset:
-    """Read a data path (any supported format) into a SupervisedDataset."""
+    """Read a data path (any supported format) into a SupervisedDataset.
+
+    `skip_log_dir` (the run's output_dir): with skip_bad_records, every skipped record is
+    listed there (see llava.data.skipped). `max_image_pixels`: larger images are bad records.
+    """
     template = get_template(version)
+    check_aspect_ratio(image_aspect_ratio)  # before any file is read
     loaded = load_records(
         data_path, image_folder, dataset_text_field, dataset_image_field, skip_bad_records
     )
-    summary = DataSummary(source=data_path, records=len(loaded.records) + len(loaded.skipped))
-    summary.skipped_bad = len(loaded.skipped)
-    summary.reasons = [str(error) for error in loaded.skipped[:10]]
     return SupervisedDataset(
         loaded.records,
         tokenizer,
@@ -234,7 +269,10 @@ def load_supervised_dataset(
         image_aspect_ratio=image_aspect_ratio,
         mm_use_im_start_end=mm_use_im_start_end,
         skip_bad_records=skip_bad_records,
-        summary=summary,
+        summary=DataSummary(source=data_path),
+        skipped=loaded.skipped,
+        skip_log_dir=skip_log_dir,
+        max_image_pixels=max_image_pixels,
     )
 
 
@@ -262,11 +300,14 @@ def build_supervised_data(
     model_max_length: int = 2048,
     mm_use_im_start_end: bool = False,
     padding_side: str = "right",
+    skip_log_dir: str | None = None,
 ) -> tuple[SupervisedDataset, SupervisedCollator]:
     """The training entry's one call: (train_dataset, data_collator) from LLaVA's flags.
 
     `data_args` carries data_path, image_folder, image_aspect_ratio, dataset_text_field,
-    dataset_image_field and skip_bad_records (missing ones take their defaults).
+    dataset_image_field, skip_bad_records and max_image_pixels (missing ones take their
+    defaults). `skip_log_dir` (the run's output_dir) is where skipped records are listed; rank 0
+    merges the list with `llava.data.skipped.collect_skipped_records` at the end.
     """
     dataset = load_supervised_dataset(
         data_path=data_args.data_path,
@@ -281,6 +322,8 @@ def build_supervised_data(
         dataset_image_field=getattr(data_args, "dataset_image_field", None),
         skip_bad_records=getattr(data_args, "skip_bad_records", False),
         mm_use_im_start_end=mm_use_im_start_end,
+        skip_log_dir=skip_log_dir,
+        max_image_pixels=getattr(data_args, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS),
     )
     if len(dataset) == 0:
         raise ValueError(f"no trainable sample in {data_args.data_path}: {dataset.summary.line()}")

@@ -4,7 +4,9 @@ Every reader yields the same `Record`: turns with roles (system, user, assistant
 holds one `<image>` tag per image, and the record's images in tag order. Images stay
 undecoded (a path, or a reference into a dataset's column) until the dataset loads a sample.
 A record that cannot be trained on raises `BadRecordError`, which names the file and the
-record's index; `load_records(..., skip_bad_records=True)` skips and counts them instead.
+record's index and id; `load_records(..., skip_bad_records=True)` skips and counts them instead.
+A data file that cannot be read as records at all (truncated, empty, not UTF-8, not a list of
+records) raises `DataFileError`, which names the file.
 """
 
 from __future__ import annotations
@@ -36,11 +38,19 @@ ANSWER_COLUMNS = ("answer", "label")
 IMAGE_COLUMNS = ("images", "image")
 
 
+class DataFileError(ValueError):
+    """A data file that cannot be read as records; the message names the file."""
+
+    def __init__(self, path: str, reason: str):
+        self.path, self.reason = path, reason
+        super().__init__(f"{path}: {reason}")
+
+
 class BadRecordError(ValueError):
-    """A record that cannot be trained on; the message names its file and index."""
+    """A record that cannot be trained on; the message names its file, index and id."""
 
     def __init__(self, source: str, index: int, reason: str, record_id: Any = None):
-        self.source, self.index, self.reason = source, index, reason
+        self.source, self.index, self.reason, self.record_id = source, index, reason, record_id
         where = f"{source} record {index}" + (f" (id {record_id})" if record_id is not None else "")
         super().__init__(f"{where}: {reason}")
 
@@ -111,6 +121,9 @@ def llava_turns(conversation: Any) -> list[Turn]:
     """LLaVA `conversations`: [{"from": "human"|"gpt"|"system", "value": str}, ...]."""
     if not isinstance(conversation, list):
         raise ValueError("conversations must be a list of turns")
+    for position, turn in enumerate(conversation):
+        if not isinstance(turn, dict):
+            raise ValueError(f"turn {position} must be an object with 'from' and 'value'")
     return [Turn(role_of(t.get("from")), text_of(t.get("value"))) for t in conversation]
 
 
@@ -188,17 +201,24 @@ def check_roles(turns: list[Turn]) -> list[Turn]:
     return system + dialog
 
 
-def place_image_tags(turns: list[Turn], num_images: int, move_single_tag: bool) -> list[Turn]:
-    """Check tags against images; tag untagged images at the start of the first user turn.
+def place_image_tags(
+    turns: list[Turn], num_images: int, move_single_tag: bool, tags_required: bool
+) -> list[Turn]:
+    """Check tags against images; with `tags_required` off, tag untagged images at the start of
+    the first user turn (question/answer columns have no place for a tag).
 
-    With one image and `move_single_tag` (LLaVA data), the tag moves to the front of its turn
-    followed by a newline, exactly as LLaVA-1.5's preprocessing does.
+    Where the text is written with tags (LLaVA conversations, messages), an image without one is
+    an error: it would otherwise be trained on at a place the data never said. With one image
+    and `move_single_tag` (LLaVA data), the tag moves to the front of its turn followed by a
+    newline, exactly as LLaVA-1.5's preprocessing does.
     """
     num_tags = sum(turn.text.count(IMAGE_TOKEN) for turn in turns)
     if num_tags > num_images:
         raise ValueError(f"{num_tags} {IMAGE_TOKEN} tags but {num_images} images")
     if 0 < num_tags < num_images:
         raise ValueError(f"{num_images} images but only {num_tags} {IMAGE_TOKEN} tags")
+    if num_tags == 0 and num_images > 0 and tags_required:
+        raise ValueError(f"{num_images} images but no {IMAGE_TOKEN} tag in the text")
     first_user = next(i for i, turn in enumerate(turns) if turn.role == USER)
     turns = list(turns)
     if num_tags == 0 and num_images > 0:
@@ -259,7 +279,12 @@ def parse_row(
     try:
         images = list(images)
         turns = check_roles(row_turns(row, columns, images))
-        turns = place_image_tags(turns, len(images), columns.kind == "conversations")
+        turns = place_image_tags(
+            turns,
+            len(images),
+            move_single_tag=columns.kind == "conversations",
+            tags_required=columns.kind in ("conversations", "messages"),
+        )
         images = [resolve_image(image, base_folder) for image in images]
         for image in images:
             if check_files and isinstance(image, str) and not os.path.isfile(image):
@@ -316,47 +341,78 @@ def detect_columns(
 
 
 # -- JSON / JSONL -------------------------------------------------------------------------------
-def read_json_rows(path: str) -> Iterator[tuple[int, Any]]:
-    """(index, row) pairs; an unparsable JSONL line comes as a BadRecordError row."""
-    if path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            lines = [line for line in f if line.strip()]
-        for index, line in enumerate(lines):
-            try:
-                yield index, json.loads(line)
-            except json.JSONDecodeError as error:
-                yield index, BadRecordError(path, index, f"invalid JSON: {error}")
-        return
-    with open(path, encoding="utf-8") as f:
-        rows = json.load(f)
+def read_jsonl_rows(path: str) -> Iterator[tuple[int, Any]]:
+    """(index, row) per non-blank line; a line that is not UTF-8 JSON comes as a BadRecordError."""
+    with open(path, "rb") as f:
+        lines = [(number, line) for number, line in enumerate(f, start=1) if line.strip()]
+    if not lines:
+        raise DataFileError(path, "no records (the file is empty)")
+    for index, (number, line) in enumerate(lines):
+        try:
+            yield index, json.loads(line.decode("utf-8-sig"))
+        except UnicodeDecodeError as error:
+            yield index, BadRecordError(path, index, f"line {number} is not UTF-8 text: {error}")
+        except json.JSONDecodeError as error:
+            reason = f"invalid JSON on line {number}: {error.msg} (column {error.colno})"
+            yield index, BadRecordError(path, index, reason)
+
+
+def read_json_list(path: str) -> list[Any]:
+    """The top-level list of a JSON file; anything else is a DataFileError naming the file."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            rows = json.load(f)
+    except UnicodeDecodeError as error:
+        raise DataFileError(path, f"not UTF-8 text: {error}") from None
+    except json.JSONDecodeError as error:
+        if not error.doc.strip():
+            raise DataFileError(path, "no records (the file is empty)") from None
+        where = f"line {error.lineno} column {error.colno}"
+        raise DataFileError(path, f"invalid JSON (truncated?): {error.msg} at {where}") from None
     if not isinstance(rows, list):
-        raise ValueError(f"{path}: expected a JSON list of records")
-    yield from enumerate(rows)
+        raise DataFileError(
+            path, f"expected a JSON list of records at the top level, not a {type(rows).__name__}"
+        )
+    if not rows:
+        raise DataFileError(path, "no records (an empty list)")
+    return rows
+
+
+def read_json_rows(path: str) -> Iterator[tuple[int, Any]]:
+    """(index, row) pairs of a .json list or a .jsonl file."""
+    if path.endswith(".jsonl"):
+        return read_jsonl_rows(path)
+    return enumerate(read_json_list(path))
 
 
 def json_columns(
-    rows: list[tuple[int, Any]], text_field: str | None, image_field: str | None
-) -> Columns:
+    path: str, rows: list[tuple[int, Any]], text_field: str | None, image_field: str | None
+) -> Columns | None:
+    """The column layout of the object rows; None when there is none (every row is then bad)."""
     dicts = [row for _, row in rows if isinstance(row, dict)]
-    available = set().union(*(row.keys() for row in dicts)) if dicts else set()
+    if not dicts:
+        return None
+    available = set().union(*(row.keys() for row in dicts))
     sample = next((row for row in dicts if row.get(text_field or "") or row.get("messages")), None)
-    return detect_columns(
-        available, sample or (dicts[0] if dicts else None), text_field, image_field
-    )
+    try:
+        return detect_columns(available, sample or dicts[0], text_field, image_field)
+    except ValueError as error:
+        raise DataFileError(path, str(error)) from None
 
 
 def json_records(
     path: str, image_folder: str | None, text_field: str | None, image_field: str | None
 ) -> Iterator[Record | BadRecordError]:
     rows = list(read_json_rows(path))
-    columns = json_columns(rows, text_field, image_field)
+    columns = json_columns(path, rows, text_field, image_field)
     base_folder = image_folder or os.path.dirname(os.path.abspath(path))
     for index, row in rows:
         if isinstance(row, BadRecordError):
             yield row
             continue
-        if not isinstance(row, dict):
-            yield BadRecordError(path, index, "a record must be a JSON object")
+        if not isinstance(row, dict):  # (columns is None only when no row is an object)
+            kind = type(row).__name__
+            yield BadRecordError(path, index, f"a record must be a JSON object, found {kind}")
             continue
         try:
             yield parse_row(row, columns, row_images(row, columns.image), path, index, base_folder)
@@ -374,6 +430,29 @@ def parquet_files(path: str) -> list[str]:
     if os.path.isfile(path) and path.endswith(".parquet"):
         return [path]
     return sorted(glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True))
+
+
+def check_parquet_files(path: str) -> None:
+    """Each parquet file's footer readable and some rows in all, or a DataFileError naming it."""
+    import pyarrow.parquet as pq
+
+    num_rows = 0
+    for file in parquet_files(path):
+        try:
+            num_rows += pq.ParquetFile(file).metadata.num_rows
+        except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+            raise DataFileError(file, f"cannot read the parquet file: {error}") from None
+    if num_rows == 0:
+        raise DataFileError(path, "no records (the parquet files have no rows)")
+
+
+def saved_without_data(path: str) -> bool:
+    """Whether a save_to_disk folder of one dataset holds no data file (it was saved empty)."""
+    try:
+        with open(os.path.join(path, "state.json"), encoding="utf-8") as f:
+            return not json.load(f).get("_data_files")
+    except (OSError, ValueError, AttributeError):  # not one dataset's state: datasets will tell
+        return False
 
 
 def open_hf_dataset(path: str) -> Any:
@@ -415,11 +494,23 @@ def image_cells(dataset: Any, column: str | None, base_folder: str) -> list[list
 def hf_records(
     path: str, image_folder: str | None, text_field: str | None, image_field: str | None
 ) -> Iterator[Record | BadRecordError]:
-    dataset = open_hf_dataset(path)
+    if not is_saved_dataset(path):
+        check_parquet_files(path)
+    elif saved_without_data(path):  # datasets fails on these with an IndexError
+        raise DataFileError(path, "no records (the dataset has no rows)")
+    try:
+        dataset = open_hf_dataset(path)
+    except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+        raise DataFileError(path, f"cannot read the dataset: {error}") from None
+    if len(dataset) == 0:
+        raise DataFileError(path, "no records (the dataset has no rows)")
     available = set(dataset.column_names)
-    probe = detect_columns(available, None, text_field, image_field)
-    sample = dataset.data.column(probe.text)[0].as_py() if len(dataset) else None
-    columns = detect_columns(available, {probe.text: sample}, text_field, image_field)
+    try:
+        probe = detect_columns(available, None, text_field, image_field)
+        sample = dataset.data.column(probe.text)[0].as_py()
+        columns = detect_columns(available, {probe.text: sample}, text_field, image_field)
+    except ValueError as error:
+        raise DataFileError(path, str(error)) from None
     text_columns = [c for c in (columns.text, columns.answer) if c]
     values = {c: dataset.data.column(c).to_pylist() for c in text_columns}
     base_folder = image_folder or (path if os.path.isdir(path) else os.path.dirname(path))
@@ -446,9 +537,8 @@ def iter_records(
         return json_records(data_path, image_folder, text_field, image_field)
     if is_saved_dataset(data_path) or parquet_files(data_path):
         return hf_records(data_path, image_folder, text_field, image_field)
-    raise ValueError(
-        f"--data_path {data_path!r}: expected a .json/.jsonl file, a save_to_disk folder, "
-        "or parquet files"
+    raise DataFileError(
+        data_path, "expected a .json/.jsonl file, a save_to_disk folder, or parquet files"
     )
 
 

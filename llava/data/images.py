@@ -7,14 +7,26 @@ processor alone (for CLIP: resize the short side, centre crop).
 
 from __future__ import annotations
 
+import contextlib
 import io
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from PIL import Image
 
 ASPECT_RATIOS = ("pad", "square")
+# Pillow's own default limit (its DecompressionBombWarning threshold), the --max_image_pixels default.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+
+
+def check_aspect_ratio(image_aspect_ratio: str) -> None:
+    if image_aspect_ratio not in ASPECT_RATIOS:
+        raise ValueError(
+            f"--image_aspect_ratio must be one of {', '.join(ASPECT_RATIOS)}, "
+            f"not {image_aspect_ratio!r}"
+        )
 
 
 def open_source(source: Any) -> Image.Image:
@@ -32,12 +44,54 @@ def open_source(source: Any) -> Image.Image:
     raise ValueError(f"cannot read an image from {type(source).__name__}")
 
 
-def load_image(source: Any) -> Image.Image:
-    """Decode an image fully and convert it to RGB; unreadable files raise ValueError."""
+@contextlib.contextmanager
+def pillow_limit_for(max_pixels: int) -> Iterator[None]:
+    """Pillow's own pixel limit out of the way of ours (`max_pixels`, 0: none).
+
+    Pillow has no per-call limit: Image.open and several plugins read the module global
+    Image.MAX_IMAGE_PIXELS (warning above it, raising above twice it). Our limit stays an
+    explicit argument checked against the header size in `load_image`; Pillow's warning is
+    silenced here because ours decides, and its global is lifted only for the duration of the
+    call and only when ours is higher. Images are decoded by one thread per process (loader
+    workers are processes), so nothing else sees the change.
+    """
+    pillow = Image.MAX_IMAGE_PIXELS
+    lift = pillow is not None and (max_pixels == 0 or max_pixels > pillow)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        if lift:
+            Image.MAX_IMAGE_PIXELS = None
+        try:
+            yield
+        finally:
+            if lift:
+                Image.MAX_IMAGE_PIXELS = pillow
+
+
+def load_image(source: Any, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode an image fully and convert it to RGB.
+
+    Unreadable images, and images of more than `max_pixels` pixels (0: no limit; checked from
+    the header, before decoding), raise ValueError naming the image.
+    """
     try:
-        image = open_source(source)
-        image.load()
+        with pillow_limit_for(max_pixels):
+            image = open_source(source)
+            width, height = image.size
+            if max_pixels and width * height > max_pixels:
+                if image is not source:  # opened here: let go of its file
+                    image.close()
+                raise ValueError(
+                    f"image {describe(source)} has {width}x{height} = {width * height} pixels, "
+                    f"over the limit of {max_pixels} (raise it with --max_image_pixels)"
+                )
+            image.load()
         return image.convert("RGB")
+    except Image.DecompressionBombError as error:  # over twice Pillow's limit, and ours is lower
+        raise ValueError(
+            f"image {describe(source)} has more than {max_pixels} pixels (raise it with "
+            f"--max_image_pixels): {error}"
+        ) from None
     except (OSError, SyntaxError) as error:  # PIL's UnidentifiedImageError is an OSError
         raise ValueError(f"unreadable image {describe(source)}: {error}") from None
 
@@ -73,10 +127,7 @@ def process_images(
     images: Sequence[Image.Image], image_processor: Any, image_aspect_ratio: str = "square"
 ) -> torch.Tensor:
     """RGB images -> pixel_values (N, 3, H, W) in the processor's size and normalisation."""
-    if image_aspect_ratio not in ASPECT_RATIOS:
-        raise ValueError(
-            f"image_aspect_ratio {image_aspect_ratio!r} is not supported; use one of {ASPECT_RATIOS}"
-        )
+    check_aspect_ratio(image_aspect_ratio)
     if image_aspect_ratio == "pad":
         background = mean_colour(image_processor)
         images = [expand_to_square(image, background) for image in images]

@@ -17,7 +17,9 @@ import sys
 from typing import Any
 
 from llava.constants import IGNORE_INDEX, IMAGE_END_TOKEN, IMAGE_PLACEHOLDER_ID, IMAGE_START_TOKEN
+from llava.conversation import TEMPLATES
 from llava.data.dataset import SupervisedDataset, load_supervised_dataset
+from llava.data.images import DEFAULT_MAX_IMAGE_PIXELS
 
 SUPERVISED_OPEN, SUPERVISED_CLOSE = "⟦", "⟧"
 
@@ -26,7 +28,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data_path", required=True)
     parser.add_argument("--model_name_or_path", required=True, help="Where the tokenizer is.")
-    parser.add_argument("--version", default="v1", help="Chat template, as in training.")
+    parser.add_argument(
+        "--version", default="v1", choices=list(TEMPLATES), help="Chat template, as in training."
+    )
     parser.add_argument("--image_folder", default=None)
     parser.add_argument("--vision_tower", default=None)
     parser.add_argument("--mm_vision_select_feature", default="patch")
@@ -37,6 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dataset_text_field", default=None)
     parser.add_argument("--dataset_image_field", default=None)
     parser.add_argument("--skip_bad_records", action="store_true")
+    parser.add_argument("--max_image_pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS)
     parser.add_argument("--mm_use_im_start_end", action="store_true")
     parser.add_argument("--num", type=int, default=3, help="How many samples to show.")
     parser.add_argument("--json", action="store_true", help="One JSON object per sample.")
@@ -168,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         dataset_image_field=args.dataset_image_field,
         skip_bad_records=args.skip_bad_records,
         mm_use_im_start_end=args.mm_use_im_start_end,
+        max_image_pixels=args.max_image_pixels,
     )
     for i in range(min(args.num, len(dataset))):
         info = describe(dataset, tokenizer, i)

@@ -1,4 +1,8 @@
-"""The shell flags: the original LLaVA-1.5 names and meanings, plus the new ones, with help text."""
+"""The shell flags: the original LLaVA-1.5 names and meanings, plus the new ones, with help text.
+
+Flags with a closed set of values are checked when the arguments are parsed, before any file is
+read, with an error that names the flag and the allowed values.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,28 @@ import transformers
 from transformers.hf_argparser import string_to_bool
 
 from llava.compat import restored_training_fields
+from llava.conversation import TEMPLATES
+from llava.data.images import ASPECT_RATIOS, DEFAULT_MAX_IMAGE_PIXELS
+from llava.model.projector import MLP_PATTERN, PROJECTORS
+from llava.model.vision_tower import SELECT_FEATURES
+
+PATCH_MERGE_TYPES = ("flat",)
+PROJECTOR_TYPES = (*PROJECTORS, "mlp{N}x_gelu (N >= 1, e.g. mlp2x_gelu)")
+LORA_BIASES = ("none", "all", "lora_only")
+QUANT_TYPES = ("nf4", "fp4")
+BITS = (4, 8, 16)
+
+
+def check_choice(flag: str, value: object, allowed: tuple) -> None:
+    """A flag's value must be one of `allowed`; the error names the flag and every choice."""
+    if value not in allowed:
+        choices = ", ".join(str(choice) for choice in allowed)
+        raise ValueError(f"--{flag} must be one of {choices}, not {value!r}")
+
+
+def is_projector_type(name: str) -> bool:
+    match = MLP_PATTERN.match(name)
+    return name in PROJECTORS or (match is not None and int(match.group(1)) >= 1)
 
 
 @dataclass
@@ -60,6 +86,13 @@ class ModelArguments:
         default="flat", metadata={"help": "Accepted for compatibility; only 'flat' exists."}
     )
 
+    def __post_init__(self):
+        check_choice("version", self.version, tuple(TEMPLATES))
+        check_choice("mm_vision_select_feature", self.mm_vision_select_feature, SELECT_FEATURES)
+        check_choice("mm_patch_merge_type", self.mm_patch_merge_type, PATCH_MERGE_TYPES)
+        if not is_projector_type(self.mm_projector_type):
+            check_choice("mm_projector_type", self.mm_projector_type, PROJECTOR_TYPES)
+
 
 @dataclass
 class DataArguments:
@@ -88,8 +121,31 @@ class DataArguments:
         },
     )
     skip_bad_records: bool = field(
-        default=False, metadata={"help": "Skip (and count) bad records instead of failing."}
+        default=False,
+        metadata={
+            "help": "Skip bad records instead of failing: they are counted, listed in "
+            "output_dir/skipped_records.jsonl, and the run ends with their total."
+        },
     )
+    max_image_pixels: int = field(
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        metadata={
+            "help": "Images with more pixels are bad records (Pillow's decompression-bomb "
+            "limit by default; 0: no limit)."
+        },
+    )
+
+    def __post_init__(self):
+        check_choice("image_aspect_ratio", self.image_aspect_ratio, ASPECT_RATIOS)
+        if self.max_image_pixels < 0:
+            raise ValueError(
+                f"--max_image_pixels must be 0 (no limit) or more, not {self.max_image_pixels}"
+            )
+        if not 0 <= self.validation_split_percentage < 100:
+            raise ValueError(
+                "--validation_split_percentage must be at least 0 and below 100, not "
+                f"{self.validation_split_percentage}"
+            )
 
 
 PACKINGS = ("none", "rows", "flat")
@@ -158,22 +214,25 @@ class LlavaTrainingFields:
             "--model_max_length (0: to the longest sample; on Gaudi the default is 8)."
         },
     )
+    ignore_checkpoint_flags: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated data flags (data_path, image_folder, world_size, ...) that "
+            "may differ from the resumed checkpoint's; model flags must always match."
+        },
+    )
 
     def __post_init__(self):
         if self.evaluation_strategy is not None:
             self.eval_strategy = self.evaluation_strategy
+        check_choice("bits", self.bits, BITS)
+        check_choice("lora_bias", self.lora_bias, LORA_BIASES)
+        check_choice("quant_type", self.quant_type, QUANT_TYPES)
+        check_choice("packing", self.packing, PACKINGS)
         super().__post_init__()
-        if self.bits not in (4, 8, 16):
-            raise ValueError(f"--bits must be 4, 8 or 16, not {self.bits}")
-        if self.lora_bias not in ("none", "all", "lora_only"):
-            raise ValueError(f"--lora_bias must be none, all or lora_only, not {self.lora_bias!r}")
         if self.num_length_buckets < 0:
             raise ValueError(
                 f"--num_length_buckets must be 0 or more, not {self.num_length_buckets}"
-            )
-        if self.packing not in PACKINGS:
-            raise ValueError(
-                f"--packing must be one of {', '.join(PACKINGS)}, not {self.packing!r}"
             )
         attention = getattr(self, "attn_implementation", "sdpa")
         if self.packing == "flat" and attention not in FLAT_PACKING_ATTENTION:
