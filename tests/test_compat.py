@@ -17,7 +17,8 @@ from llava.model.builder import build_llava_model
 from llava.model.weights import NON_LORA_TRAINABLES_FILE
 from llava.train.arguments import check_world_size, parse_arguments
 from llava.train.checkpoint import load_non_lora_trainables, unwrap_base
-from llava.train.train import resume_checkpoint
+from llava.train.resume import FRESH, plan_start
+from llava.train.stages import plan_stage
 from tests.fixtures.checkpoints import write_lora_checkpoint
 from tests.fixtures.tokenizers import save_sentencepiece_llama_tokenizer
 
@@ -63,14 +64,11 @@ def test_warmup_ratio_out_of_range_names_the_flag():
 
 
 def test_overwrite_output_dir_starts_afresh(tmp_path):
-    checkpoint = tmp_path / "checkpoint-4"
-    checkpoint.mkdir()
-    from llava.train.checkpoint import mark_complete
-
-    mark_complete(str(checkpoint))
-    flags = ["--output_dir", str(tmp_path)]
-    assert resume_checkpoint(training_arguments(*flags)) == str(checkpoint)
-    assert resume_checkpoint(training_arguments(*flags, "--overwrite_output_dir")) is None
+    (tmp_path / "checkpoint-4").mkdir()
+    (tmp_path / "checkpoint-4" / "checkpoint_complete").write_text("ok\n")
+    args = training_arguments("--output_dir", str(tmp_path), "--overwrite_output_dir")
+    plan = plan_stage(True, False, False, False, False)
+    assert plan_start(args, {}, plan).action == FRESH
 
 
 def test_the_original_scripts_flags_parse_with_their_meaning():

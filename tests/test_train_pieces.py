@@ -18,9 +18,7 @@ from llava.model.weights import (
 )
 from llava.train.arguments import DataArguments, ModelArguments, TrainingArguments
 from llava.train.checkpoint import (
-    latest_complete_checkpoint,
     load_projector,
-    mark_complete,
     save_non_lora_trainables,
     save_projector,
 )
@@ -145,15 +143,6 @@ def test_non_lora_trainables_hold_the_projector(model, tmp_path):
     state = read_non_lora_trainables(str(tmp_path / NON_LORA_TRAINABLES_FILE), model)
     assert set(state) == {f"projector.{k}" for k in model.projector.state_dict()}
     assert torch.equal(state["projector.0.weight"], model.projector[0].weight)
-
-
-def test_resume_picks_the_newest_complete_checkpoint(tmp_path):
-    for step in (5, 10, 15):
-        os.makedirs(tmp_path / f"checkpoint-{step}")
-    mark_complete(str(tmp_path / "checkpoint-5"))
-    mark_complete(str(tmp_path / "checkpoint-10"))  # 15 was cut off mid-save
-    assert latest_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")
-    assert latest_complete_checkpoint(str(tmp_path / "nothing")) is None
 
 
 def script_arguments(script: str) -> list[str]:

@@ -2,14 +2,15 @@
 
 Stage 1 (pretrain.sh) runs under ZeRO-2 with the deepspeed launcher; stage 2 runs under
 ZeRO-3, LoRA (finetune_lora.sh) with the deepspeed launcher and full (finetune.sh) with
-torchrun. Each run saves at steps 3 and 6; a second run started in a fresh output folder
-holding only checkpoint-3 must resume by itself and log the same losses at steps 4 to 6.
+torchrun (the runs: tests/fixtures/script_runs.py). Each run saves at steps 3 and 6; a second
+stage-1 run started in a fresh output folder holding only checkpoint-3 must resume by itself and
+log the same losses at steps 4 to 6. (Stage 2 resumes from every point of a save, killed, in
+test_kill_resume.py.)
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from llava.constants import IMAGE_PLACEHOLDER_ID
 from llava.model.builder import load_pretrained_model
 from llava.model.llava import LlavaForCausalLM
 from llava.model.weights import read_projector_file
-from tests.fixtures.training import DEEPSPEED_HELPERS, logged_losses, run_script
+from tests.fixtures.training import DEEPSPEED_HELPERS, logged_losses
 
 pytestmark = pytest.mark.slow
 
@@ -28,36 +29,12 @@ pytestmark = pytest.mark.slow
 # source, tokenizer.model (see the tokenizer_files fixture).
 CORE_TOKENIZER_FILES = {"chat_template.jinja", "tokenizer.json", "tokenizer_config.json"}
 RUN_STATE = {"rng_state_0.pth", "rng_state_1.pth", "scheduler.pt", "trainer_state.json"}
-RUN_FILES = {"checkpoint-3", "checkpoint-6", "trainer_state.json"}
+COMMIT = {"checkpoint_complete", "run_flags.json"}
+RUN_FILES = {"checkpoint-3", "checkpoint-6", "trainer_state.json", "run.lock", "run_complete.json"}
 
 
 def files_in(folder: str) -> set[str]:
     return {name for name in os.listdir(folder) if name not in DEEPSPEED_HELPERS}
-
-
-def common_flags(max_steps: int = 6) -> list[str]:
-    """Small, CPU-friendly overrides of the scripts' paper defaults (appended last)."""
-    return [
-        "--bf16", "False",
-        "--tf32", "False",
-        "--model_max_length", "128",
-        "--dataloader_num_workers", "0",
-        "--gradient_checkpointing", "False",
-        "--max_steps", str(max_steps),
-        "--save_steps", "3",
-        "--save_total_limit", "2",
-        "--disable_tqdm", "True",
-    ]  # fmt: skip
-
-
-def run_and_resume(script: str, env: dict[str, str], flags: list[str], root) -> tuple[str, str]:
-    """An uninterrupted run, and a second one resuming from a copy of its checkpoint-3."""
-    first, second = str(root / "first"), str(root / "resumed")
-    run_script(script, {**env, "OUTPUT_DIR": first}, *flags, log=first + ".log")
-    os.makedirs(second)
-    shutil.copytree(os.path.join(first, "checkpoint-3"), os.path.join(second, "checkpoint-3"))
-    run_script(script, {**env, "OUTPUT_DIR": second}, *flags, log=second + ".log")
-    return first, second
 
 
 def check_losses(first: str, second: str) -> None:
@@ -67,31 +44,17 @@ def check_losses(first: str, second: str) -> None:
     assert losses[6] < losses[1] - 0.05, losses
     with open(second + ".log") as f:
         log = f.read()
-    assert "Resuming from " + os.path.join(second, "checkpoint-3") in log
+    assert "Run: resuming from " + os.path.join(second, "checkpoint-3") + " at step 3" in log
     assert log.count("'loss':") == 3  # steps 1-3 were not redone
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6]  # 1-3 come with the checkpoint's state
     for step in (4, 5, 6):
         assert resumed[step] == pytest.approx(losses[step], rel=1e-5, abs=1e-6), (step, resumed)
 
 
-def base_env(assets: dict[str, str], data: str) -> dict[str, str]:
-    return {
-        "MODEL_NAME_OR_PATH": assets["llm"],
-        "VISION_TOWER": assets["clip"],
-        "DATA_PATH": assets[data],
-        "IMAGE_FOLDER": assets["image_folder"],
-        "NUM_GPUS": "2",
-        "PER_DEVICE_BATCH": "2",
-        "GRAD_ACCUM": "1",
-    }
-
-
-@pytest.fixture(scope="module")
-def stage_one(training_assets, tmp_path_factory) -> tuple[str, str]:
-    root = tmp_path_factory.mktemp("stage_one")
-    env = {**base_env(training_assets, "pretrain"), "LAUNCHER": "deepspeed"}
-    flags = [*common_flags(), "--learning_rate", "1e-2"]
-    return run_and_resume("pretrain.sh", env, flags, root)
+def check_loss_fell(run: str) -> None:
+    losses = logged_losses(run)
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+    assert losses[6] < losses[1] - 0.05, losses
 
 
 @pytest.fixture(scope="module")
@@ -105,21 +68,11 @@ def tokenizer_files(training_assets, tmp_path_factory) -> set[str]:
     return files_in(folder)
 
 
-def stage_two_env(training_assets, stage_one, launcher: str) -> dict[str, str]:
-    projector = os.path.join(stage_one[0], "mm_projector.bin")
-    return {
-        **base_env(training_assets, "finetune"),
-        "PRETRAIN_MM_MLP_ADAPTER": projector,
-        "LAUNCHER": launcher,
-    }
-
-
-def test_stage_one_writes_the_projector_and_resumes(stage_one):
-    first, second = stage_one
+def test_stage_one_writes_the_projector_and_resumes(stage_one_runs):
+    first, second = stage_one_runs
     assert files_in(first) == RUN_FILES | {"config.json", "mm_projector.bin"}
     checkpoint = os.path.join(first, "checkpoint-3")
-    assert files_in(checkpoint) == RUN_STATE | {
-        "checkpoint_complete",
+    assert files_in(checkpoint) == RUN_STATE | COMMIT | {
         "config.json",
         "global_step3",
         "latest",
@@ -149,12 +102,9 @@ def answer_tokens(model: LlavaForCausalLM, image_size: int) -> torch.Tensor:
     )
 
 
-def test_lora_stage_under_zero3_writes_carryable_checkpoints_and_resumes(
-    training_assets, stage_one, tokenizer_files, tmp_path
+def test_lora_stage_under_zero3_writes_carryable_checkpoints(
+    training_assets, lora_run, tokenizer_files
 ):
-    env = stage_two_env(training_assets, stage_one, "deepspeed")
-    flags = [*common_flags(), "--learning_rate", "1e-2", "--lora_r", "8", "--lora_alpha", "16"]
-    first, second = run_and_resume("finetune_lora.sh", env, flags, tmp_path)
     lora_files = {
         "adapter_config.json",
         "adapter_model.safetensors",
@@ -162,31 +112,27 @@ def test_lora_stage_under_zero3_writes_carryable_checkpoints_and_resumes(
         "non_lora_trainables.bin",
         "README.md",
     } | tokenizer_files
-    assert files_in(first) == RUN_FILES | lora_files | {"training_args.bin"}
-    checkpoint = os.path.join(first, "checkpoint-3")
+    assert files_in(lora_run) == RUN_FILES | lora_files | {"training_args.bin"}
+    checkpoint = os.path.join(lora_run, "checkpoint-3")
     assert lora_files <= files_in(checkpoint)
-    assert {"checkpoint_complete", "global_step3"} | RUN_STATE <= files_in(checkpoint)
-    check_losses(first, second)
+    assert {"global_step3"} | RUN_STATE | COMMIT <= files_in(checkpoint)
+    check_loss_fell(lora_run)
     # Every checkpoint loads over the base on its own files and answers.
-    final = load_pretrained_model(first, model_base=training_assets["llm"]).model
+    final = load_pretrained_model(lora_run, model_base=training_assets["llm"]).model
     middle = load_pretrained_model(checkpoint, model_base=training_assets["llm"]).model
     assert not torch.equal(final.projector[0].weight, middle.projector[0].weight)
     assert answer_tokens(middle, 32).shape == (1, 3)
 
 
 def test_full_stage_under_zero3_with_torchrun_writes_a_model_that_opens_alone(
-    training_assets, stage_one, tokenizer_files, tmp_path
+    full_run, tokenizer_files
 ):
-    env = stage_two_env(training_assets, stage_one, "torchrun")
-    flags = [*common_flags(), "--learning_rate", "1e-3"]
-    first, second = run_and_resume("finetune.sh", env, flags, tmp_path)
     model_files = {"config.json", "model.safetensors", "training_args.bin"} | tokenizer_files
-    assert files_in(first) == RUN_FILES | model_files
-    checkpoint = os.path.join(first, "checkpoint-3")
-    assert model_files | RUN_STATE | {"checkpoint_complete", "global_step3"} <= files_in(checkpoint)
-    check_losses(first, second)
-    model = LlavaForCausalLM.from_pretrained(first).eval()
-    resumed = LlavaForCausalLM.from_pretrained(second).eval()
-    for (name, a), (_, b) in zip(model.named_parameters(), resumed.named_parameters()):
-        assert torch.allclose(a, b, atol=1e-5), name
+    assert files_in(full_run) == RUN_FILES | model_files
+    checkpoint = os.path.join(full_run, "checkpoint-3")
+    assert model_files | RUN_STATE | COMMIT | {"global_step3"} <= files_in(checkpoint)
+    check_loss_fell(full_run)
+    model = LlavaForCausalLM.from_pretrained(full_run).eval()
+    middle = LlavaForCausalLM.from_pretrained(checkpoint).eval()
+    assert not torch.equal(model.projector[0].weight, middle.projector[0].weight)
     assert answer_tokens(model, 32).shape == (1, 3)

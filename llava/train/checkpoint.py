@@ -18,8 +18,6 @@ from llava.model.weights import (
     read_projector_file,
 )
 
-COMPLETE_MARKER = "checkpoint_complete"
-
 
 def is_partitioned(parameter: nn.Parameter) -> bool:
     return hasattr(parameter, "ds_id")
@@ -112,25 +110,3 @@ def load_non_lora_trainables(model: nn.Module, path: str) -> None:
     with gathered(targets, modifier_rank=0), torch.no_grad():
         for name, value in state.items():
             parameters[name].copy_(value.to(parameters[name].dtype))
-
-
-def mark_complete(folder: str) -> None:
-    with open(os.path.join(folder, COMPLETE_MARKER), "w") as f:
-        f.write("ok\n")
-
-
-def latest_complete_checkpoint(output_dir: str) -> str | None:
-    """The newest checkpoint-N in output_dir whose save finished (a crash mid-save is skipped)."""
-    if not os.path.isdir(output_dir):
-        return None
-    steps = []
-    for name in os.listdir(output_dir):
-        prefix, _, step = name.partition("-")
-        folder = os.path.join(output_dir, name)
-        if (
-            prefix == "checkpoint"
-            and step.isdigit()
-            and os.path.exists(os.path.join(folder, COMPLETE_MARKER))
-        ):
-            steps.append((int(step), folder))
-    return max(steps)[1] if steps else None

@@ -6,16 +6,46 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from llava.model.weights import NON_LORA_TRAINABLES_FILE, PROJECTOR_FILE
+
+# What a stage's checkpoints (and final folder) hold besides the run state.
+PROJECTOR, ADAPTERS, FULL_MODEL = "projector", "adapters", "full model"
+# The weight files each kind needs to resume (each entry: alternatives, one must be there).
+WEIGHT_FILES = {
+    PROJECTOR: ((PROJECTOR_FILE,), ("config.json",)),
+    ADAPTERS: (
+        ("adapter_config.json",),
+        ("adapter_model.safetensors", "adapter_model.bin"),
+        (NON_LORA_TRAINABLES_FILE,),
+        ("config.json",),
+    ),
+    FULL_MODEL: (
+        ("config.json",),
+        (
+            "model.safetensors",
+            "model.safetensors.index.json",
+            "pytorch_model.bin",
+            "pytorch_model.bin.index.json",
+        ),
+    ),
+}
+
 
 @dataclass(frozen=True)
 class StagePlan:
-    """What learns: the name says which LLaVA stage the flags describe."""
+    """What learns, and what its checkpoints hold (PROJECTOR, ADAPTERS or FULL_MODEL); the name
+    says which LLaVA stage the flags describe."""
 
     name: str
     train_projector: bool
     train_language_model: bool
     train_vision_tower: bool
     lora: bool
+    checkpoint: str
+
+    @property
+    def weight_files(self) -> tuple[tuple[str, ...], ...]:
+        return WEIGHT_FILES[self.checkpoint]
 
 
 def plan_stage(
@@ -37,10 +67,12 @@ def plan_stage(
                 "--tune_mm_mlp_adapter trains only the projector; it cannot be combined with "
                 "--lora_enable or --freeze_mm_mlp_adapter"
             )
-        return StagePlan("pretrain (projector only)", True, False, tune_vision_tower, False)
+        return StagePlan(
+            "pretrain (projector only)", True, False, tune_vision_tower, False, PROJECTOR
+        )
     if lora_enable:
         return StagePlan(
-            "finetune (LoRA)", not freeze_mm_mlp_adapter, False, tune_vision_tower, True
+            "finetune (LoRA)", not freeze_mm_mlp_adapter, False, tune_vision_tower, True, ADAPTERS
         )
     return StagePlan(
         "finetune (full)",
@@ -48,6 +80,7 @@ def plan_stage(
         not freeze_backbone,
         tune_vision_tower,
         False,
+        FULL_MODEL,
     )
 
 

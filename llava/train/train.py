@@ -6,7 +6,6 @@ Runs as `python -m llava.train.train`, `deepspeed llava/train/train.py` or under
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 import torch
@@ -21,8 +20,18 @@ from llava.train.arguments import (
     TrainingArguments,
     parse_arguments,
 )
-from llava.train.checkpoint import latest_complete_checkpoint, load_projector
+from llava.train.checkpoint import load_projector
 from llava.train.lora import add_lora, quantization_config
+from llava.train.preemption import PREEMPTED_EXIT_CODE, PreemptionCallback
+from llava.train.resume import (
+    FINISHED,
+    PUBLISH,
+    RunStart,
+    plan_start,
+    prepare_output_dir,
+    publish_checkpoint,
+)
+from llava.train.run_folder import lock_output_dir, run_flags
 from llava.train.stages import StagePlan, apply_stage, plan_stage, trainable_table
 
 logger = logging.getLogger("llava.train")
@@ -78,19 +87,23 @@ def add_image_marker_tokens(model: LlavaForCausalLM, tokenizer) -> None:
     model.config.mm_use_im_start_end = True
 
 
-def prepare_model(
-    model: LlavaForCausalLM, model_args: ModelArguments, args: TrainingArguments
-) -> tuple[torch.nn.Module, StagePlan]:
-    """Load the stage-1 projector, decide what trains, add LoRA."""
-    if model_args.pretrain_mm_mlp_adapter:
-        load_projector(model, model_args.pretrain_mm_mlp_adapter)
-    plan = plan_stage(
+def stage_plan_of(model_args: ModelArguments, args: TrainingArguments) -> StagePlan:
+    return plan_stage(
         tune_mm_mlp_adapter=model_args.tune_mm_mlp_adapter,
         lora_enable=args.lora_enable,
         freeze_backbone=model_args.freeze_backbone,
         freeze_mm_mlp_adapter=args.freeze_mm_mlp_adapter,
         tune_vision_tower=model_args.tune_vision_tower,
     )
+
+
+def prepare_model(
+    model: LlavaForCausalLM, model_args: ModelArguments, args: TrainingArguments
+) -> tuple[torch.nn.Module, StagePlan]:
+    """Load the stage-1 projector, decide what trains, add LoRA."""
+    if model_args.pretrain_mm_mlp_adapter:
+        load_projector(model, model_args.pretrain_mm_mlp_adapter)
+    plan = stage_plan_of(model_args, args)
     apply_stage(model, plan)
     if plan.lora:
         model = add_lora(
@@ -102,18 +115,6 @@ def prepare_model(
             target_modules=args.lora_target_modules,
         )
     return model, plan
-
-
-def resume_checkpoint(args: TrainingArguments) -> str | None:
-    """--resume_from_checkpoint PATH, or True/automatic: the newest complete checkpoint."""
-    requested = args.resume_from_checkpoint
-    if requested and requested.lower() not in ("true", "1"):
-        if not os.path.isdir(requested):
-            raise FileNotFoundError(f"--resume_from_checkpoint {requested!r} is not a folder")
-        return requested
-    if requested or not args.overwrite_output_dir:
-        return latest_complete_checkpoint(args.output_dir)
-    return None
 
 
 def build_data(model: LlavaForCausalLM, tokenizer, model_args, data_args, args):
@@ -128,6 +129,7 @@ def build_data(model: LlavaForCausalLM, tokenizer, model_args, data_args, args):
         version=model_args.version,
         model_max_length=args.model_max_length,
         mm_use_im_start_end=model_args.mm_use_im_start_end,
+        skip_log_dir=args.output_dir if data_args.skip_bad_records else None,
     )
     collator.static_shapes = static_shapes(dataset, model, args)
     if args.packing != "none":
@@ -173,8 +175,55 @@ def build_trainer(model, args: TrainingArguments, plan: StagePlan, **trainer_kwa
     return trainer_class(model=model, args=args, stage_plan=plan, **trainer_kwargs)
 
 
+class Preempted(RuntimeError):
+    """The run stopped on a preemption signal after writing a checkpoint."""
+
+
+def start_run(args: TrainingArguments, flags: dict, plan: StagePlan) -> RunStart:
+    """Decide how the run starts (every rank, from the same files) and let the writing process
+    clear the folder's leftovers; the decision is logged."""
+    start = plan_start(args, flags, plan)
+    if args.should_save:
+        removed = prepare_output_dir(start, args.output_dir)
+        if removed:
+            logger.warning("Removed from %s: %s", args.output_dir, ", ".join(removed))
+    if args.should_log:
+        logger.warning("Run: %s", start.reason)
+    barrier()
+    return start
+
+
+def barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
 def train(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments):
-    """Run one stage end to end; returns the trainer (its model, state and logs)."""
+    """Run one stage end to end; returns the trainer (its model, state and logs), or None when
+    the output folder already holds this run's finished result.
+
+    The writing process holds the output folder's lock throughout (llava/train/run_folder.py).
+    """
+    lock = lock_output_dir(args.output_dir) if args.should_save else None
+    try:
+        return train_in_locked_folder(model_args, data_args, args)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def train_in_locked_folder(model_args, data_args, args):
+    flags = run_flags(model_args, data_args, args)
+    plan = stage_plan_of(model_args, args)
+    start = start_run(args, flags, plan)
+    if start.action == FINISHED:
+        return None
+    if start.action == PUBLISH:
+        if args.should_save:
+            publish_checkpoint(start, args.output_dir, flags)
+        barrier()
+        return None
+
     transformers.set_seed(args.seed)  # every rank builds the same fresh projector
     if args.gradient_checkpointing and args.gradient_checkpointing_kwargs is None:
         args.gradient_checkpointing_kwargs = {"use_reentrant": False}
@@ -190,35 +239,61 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: TrainingAr
     train_dataset, validation_dataset, collator = build_data(
         model, tokenizer, model_args, data_args, args
     )
+    preemption = PreemptionCallback()
     trainer = build_trainer(
         model,
         args,
         plan,
+        run_flags=flags,
         train_dataset=train_dataset,
         eval_dataset=validation_dataset,
         data_collator=collator,
         processing_class=tokenizer,
+        callbacks=[preemption],
     )
-    checkpoint = resume_checkpoint(args)
-    if checkpoint is not None and args.should_log:
-        logger.warning("Resuming from %s", checkpoint)
-    trainer.train(resume_from_checkpoint=checkpoint)
+    preemption.install()
+    try:
+        trainer.train(resume_from_checkpoint=start.checkpoint)
+    finally:
+        preemption.uninstall()
+    if preemption.preempted_at is not None:
+        raise Preempted(preemption.resume_message(args.output_dir))
     if validation_dataset is not None and args.eval_strategy == "no":
         trainer.evaluate()
-    trainer.save_state()
-    trainer.save_model(args.output_dir)
+    if data_args.skip_bad_records:
+        list_skipped_records(args)
+    trainer.save_final(args.output_dir)
     return trainer
+
+
+def list_skipped_records(args: TrainingArguments) -> None:
+    """Merge every process's skipped records into output_dir/skipped_records.jsonl (global rank
+    0 only: with --save_on_each_node several processes save) and log the total."""
+    from llava.data.skipped import collect_skipped_records, skipped_records_line
+
+    barrier()  # every rank and loader worker has stopped reading
+    if args.process_index == 0:
+        total = collect_skipped_records(args.output_dir)
+        logger.warning(skipped_records_line(total, args.output_dir))
+    barrier()
 
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s: %(message)s", stream=sys.stdout)
-    train(*parse_arguments(argv))
+    exit_code = 0
+    try:
+        train(*parse_arguments(argv))
+    except Preempted as preempted:
+        logger.warning("%s", preempted)
+        exit_code = PREEMPTED_EXIT_CODE
     # Leave the process group in step: a rank exiting while another still holds the
     # communication threads can abort the launcher ("terminate called without an active
     # exception") after a run that succeeded.
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+    if exit_code:
+        sys.exit(exit_code)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """A mixin over HF Trainer (and GaudiTrainer): grouped sampler, projector lr, fused AdamW,
-throughput logging, stage-aware saving."""
+throughput logging, stage-aware saving, committed checkpoints and a staged final save."""
 
 from __future__ import annotations
 
@@ -16,27 +16,32 @@ from llava.model.weights import NON_LORA_TRAINABLES_FILE, PROJECTOR_FILE
 from llava.train.checkpoint import (
     load_non_lora_trainables,
     load_projector,
-    mark_complete,
     save_non_lora_trainables,
     save_projector,
     unwrap_base,
 )
+from llava.train.commit import commit_checkpoint, publish, rotate, staging_folder
 from llava.train.evaluation import PaddedShard, loss_metrics, summed_loss
-from llava.train.stages import StagePlan
+from llava.train.run_folder import write_run_complete, write_run_flags
+from llava.train.stages import ADAPTERS, PROJECTOR, StagePlan
 from llava.train.throughput import ThroughputCallback
 
 
 class LlavaTrainerMixin:
     """Behaviour shared by the GPU/CPU trainer and the Gaudi trainer.
 
-    Takes `stage_plan` (a StagePlan) besides the trainer's own arguments; the train dataset
-    exposes `lengths` and `modalities` for the grouped samplers.
+    Takes `stage_plan` (a StagePlan) and `run_flags` (recorded in every checkpoint, see
+    llava/train/run_folder.py) besides the trainer's own arguments; the train dataset exposes
+    `lengths` and `modalities` for the grouped samplers.
     """
 
     stage_plan: StagePlan
 
-    def __init__(self, *args: Any, stage_plan: StagePlan, **kwargs: Any):
+    def __init__(
+        self, *args: Any, stage_plan: StagePlan, run_flags: dict | None = None, **kwargs: Any
+    ):
         self.stage_plan = stage_plan
+        self.run_flags = run_flags or {}
         super().__init__(*args, **kwargs)
         self.model.register_load_state_dict_post_hook(forgive_missing_frozen_weights)
         self.add_throughput_callback()
@@ -165,7 +170,7 @@ class LlavaTrainerMixin:
         output_dir = output_dir or self.args.output_dir
         base = unwrap_base(self.model)
         write = self.args.should_save
-        if self.stage_plan.name.startswith("pretrain"):
+        if self.stage_plan.checkpoint == PROJECTOR:
             save_projector(self.model, output_dir, write)
             if write:
                 base.config.save_pretrained(output_dir)
@@ -173,7 +178,7 @@ class LlavaTrainerMixin:
         super().save_model(output_dir, _internal_call=_internal_call)
         if write and self.processing_class is not None:  # the trainer saved it beside the model
             make_tokenizer_config_portable(self.processing_class, output_dir)
-        if self.stage_plan.lora:
+        if self.stage_plan.checkpoint == ADAPTERS:
             save_non_lora_trainables(self.model, output_dir, write)
             if write:
                 base.config.save_pretrained(output_dir)
@@ -197,15 +202,40 @@ class LlavaTrainerMixin:
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        # Only a checkpoint every rank finished writing is marked, so resume never picks a
-        # half-written one.
-        self.accelerator.wait_for_everyone()
-        folder = os.path.join(
-            self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}"
-        )
+        """Write checkpoint-N on every rank, then commit it, then rotate (llava/train/commit.py).
+
+        transformers' own rotation would run before every rank finished and before the commit,
+        so it is held back (a limit of None) while transformers saves.
+        """
+        save_total_limit = self.args.save_total_limit
+        self.args.save_total_limit = None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = save_total_limit
+        run_dir = self._get_output_dir(trial=trial)
+        folder = os.path.join(run_dir, f"checkpoint-{self.state.global_step}")
         if self.args.should_save:
-            mark_complete(folder)
+            write_run_flags(folder, self.run_flags)
+        self.accelerator.wait_for_everyone()  # every rank has written its part
+        if self.args.should_save:
+            commit_checkpoint(folder)
+            rotate(run_dir, save_total_limit, keep=self.state.best_model_checkpoint)
+        self.accelerator.wait_for_everyone()
+
+    def save_final(self, output_dir: str) -> None:
+        """The run's result at the top of output_dir: the model files (as save_model writes them)
+        and trainer_state.json are written into a staging folder, moved into place, and the run
+        is marked finished (run_complete.json) last. Every rank calls it."""
+        staging = staging_folder(output_dir)
+        self.save_model(staging)
+        if self.args.should_save:
+            self.state.save_to_json(os.path.join(staging, "trainer_state.json"))
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            publish(staging, output_dir)
+            write_run_complete(output_dir, self.state.global_step, self.run_flags)
+        self.accelerator.wait_for_everyone()
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         """Resume without DeepSpeed (with it, the engine's own checkpoint holds everything).
@@ -214,11 +244,11 @@ class LlavaTrainerMixin:
         projector in non_lora_trainables.bin.
         """
         target = model if model is not None else self.model
-        if self.stage_plan.name.startswith("pretrain"):
+        if self.stage_plan.checkpoint == PROJECTOR:
             load_projector(target, os.path.join(resume_from_checkpoint, PROJECTOR_FILE))
             return
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if self.stage_plan.lora:
+        if self.stage_plan.checkpoint == ADAPTERS:
             path = os.path.join(resume_from_checkpoint, NON_LORA_TRAINABLES_FILE)
             load_non_lora_trainables(target, path)
 
