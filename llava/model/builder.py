@@ -21,6 +21,7 @@ from llava.files import (
     read_json_object,
 )
 from llava.model.config import LlavaConfig
+from llava.model.kinds import CONNECTOR, VISION, parts_by_role, recognise_checkpoint
 from llava.model.llava import LlavaForCausalLM
 from llava.model.vision_tower import describe_vision_tower, load_vision_tower
 from llava.model.weights import (
@@ -279,7 +280,7 @@ def load_pretrained_model(
         raise ValueError(f"{model_path!r} has no tokenizer; pass --model-base")
     tokenizer = load_tokenizer(tokenizer_path)
     if kind == "full":
-        model = LlavaForCausalLM.from_pretrained(
+        model = full_model_class(model_path).from_pretrained(
             model_path, torch_dtype=torch_dtype, **language_model_kwargs
         )
     else:
@@ -288,19 +289,27 @@ def load_pretrained_model(
         )
         resize_to_tokenizer(model, tokenizer)
         if kind == "projector":
-            model.projector.load_state_dict(
+            parts_by_role(model)[CONNECTOR].load_state_dict(
                 read_projector_file(os.path.join(model_path, PROJECTOR_FILE))
             )
         else:
             model = merge_lora_checkpoint(model, model_path)
     if language_model_kwargs:  # the quantized language model is in place already
-        model.vision_tower.to(device)
-        model.projector.to(device)
+        parts = parts_by_role(model)
+        parts[VISION].to(device)
+        parts[CONNECTOR].to(device)
     else:
         model.to(device)
     model.eval()
     context_length = getattr(model.config.text_config, "max_position_embeddings", 2048)
     return LoadedModel(tokenizer, model, model.vision_tower.image_processor, context_length)
+
+
+def full_model_class(model_path: str) -> type[LlavaForCausalLM]:
+    """The class of the model kind that recognises the checkpoint's config (the composed
+    LlavaForCausalLM for configs no kind recognises, as before kinds were recorded)."""
+    kind = recognise_checkpoint(model_path)
+    return kind.model_class if kind is not None else LlavaForCausalLM
 
 
 def merge_lora_checkpoint(model: LlavaForCausalLM, model_path: str) -> LlavaForCausalLM:

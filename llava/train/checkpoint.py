@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from llava.model.kinds import CONNECTOR, parts_by_role, unwrap_base
 from llava.model.weights import (
     NON_LORA_TRAINABLES_FILE,
     PROJECTOR_FILE,
@@ -45,15 +46,9 @@ def full_state(named: list[tuple[str, nn.Parameter]]) -> dict[str, torch.Tensor]
         return {name: p.detach().cpu().clone() for name, p in named}
 
 
-def unwrap_base(model: nn.Module) -> nn.Module:
-    """The LlavaForCausalLM inside a peft wrapper (or the model itself)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if get_base is not None else model
-
-
 def save_projector(model: nn.Module, folder: str, write: bool) -> None:
     """Write mm_projector.bin (original LLaVA keys). Every rank must call it (gather is collective)."""
-    projector = unwrap_base(model).projector
+    projector = parts_by_role(model)[CONNECTOR]
     state = full_state(list(projector.named_parameters()))
     if write:
         os.makedirs(folder, exist_ok=True)
@@ -62,7 +57,7 @@ def save_projector(model: nn.Module, folder: str, write: bool) -> None:
 
 def load_projector(model: nn.Module, path: str) -> None:
     """Load mm_projector.bin into the projector, gathering partitions under ZeRO-3."""
-    projector = unwrap_base(model).projector
+    projector = parts_by_role(model)[CONNECTOR]
     state = read_projector_file(path)
     expected = dict(projector.named_parameters())
     if set(state) != set(expected):

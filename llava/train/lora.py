@@ -8,20 +8,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from llava.model.kinds import LANGUAGE_MODEL, kind_of, unwrap_base
+
 
 def language_model_linear_names(model: nn.Module) -> list[str]:
-    """Distinct leaf names of the language model's Linear layers, lm_head excluded."""
-    names = set()
-    for name, module in model.language_model.named_modules():
-        if isinstance(module, nn.Linear) or type(module).__name__ in ("Linear8bitLt", "Linear4bit"):
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf != "lm_head":
-                names.add(leaf)
-    return sorted(names)
+    """The model kind's default LoRA targets: distinct leaf names of the language model's
+    linear layers, the head excluded."""
+    base = unwrap_base(model)
+    return kind_of(base).lora_target_names(base)
 
 
 def lora_target_pattern(model: nn.Module, target_modules: str | None) -> str:
-    """A peft target regex restricted to modules under `language_model`."""
+    """A peft target regex restricted to modules under the language model."""
     available = language_model_linear_names(model)
     if target_modules:
         wanted = [name.strip() for name in target_modules.split(",") if name.strip()]
@@ -33,8 +31,9 @@ def lora_target_pattern(model: nn.Module, target_modules: str | None) -> str:
             )
     else:
         wanted = available
+    language_model = kind_of(model).parts(unwrap_base(model))[LANGUAGE_MODEL]
     alternatives = "|".join(re.escape(name) for name in wanted)
-    return rf"language_model\..*\.({alternatives})"
+    return rf"{re.escape(language_model)}\..*\.({alternatives})"
 
 
 def add_lora(

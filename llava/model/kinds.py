@@ -1,0 +1,151 @@
+"""Model kinds: how a checkpoint is recognised from its config, which class loads it, and its
+parts by role (vision, connector, language model, head) for stage plans, LoRA and FLOP counts.
+
+A kind is one entry in `MODEL_KINDS`; training code asks for parts by role and never for
+attribute names, so a second kind (transformers' image-text-to-text models, say) is a new entry
+here plus its tests. The composed `LlavaForCausalLM` is the one kind so far.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+from transformers import PreTrainedModel
+
+from llava.files import CONFIG_FILE, read_json_object
+from llava.model.llava import LlavaForCausalLM
+
+# The roles a stage plan assigns a mode to; the head is applied after the language model, so
+# that a head inside it (the composed kind's lm_head) can be set apart.
+VISION, CONNECTOR, LANGUAGE_MODEL, HEAD = "vision", "connector", "language_model", "head"
+ROLES = (VISION, CONNECTOR, LANGUAGE_MODEL, HEAD)
+QUANTIZED_LINEARS = ("Linear8bitLt", "Linear4bit")  # bitsandbytes' replacements for nn.Linear
+
+
+def unwrap_base(model: nn.Module) -> nn.Module:
+    """The model inside a peft wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if get_base is not None else model
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """One way a vision-language model is put together.
+
+    `model_type`: the config's `model_type`, by which a saved checkpoint is recognised.
+    `model_class`: the class whose `from_pretrained` loads a full checkpoint (in builder.py).
+    `part_names`: role -> module name (dotted, from the model's root); a role left out is the
+    model's output embeddings for HEAD.
+    """
+
+    model_type: str
+    model_class: type[PreTrainedModel]
+    part_names: dict[str, str]
+
+    def recognises(self, config: dict[str, Any]) -> bool:
+        return config.get("model_type") == self.model_type
+
+    def parts(self, model: nn.Module) -> dict[str, str]:
+        """Role -> module name in the (un-wrapped) `model`, for every role."""
+        names = dict(self.part_names)
+        if HEAD not in names:
+            names[HEAD] = module_name(model, model.get_output_embeddings())
+        return {role: names[role] for role in ROLES}
+
+    def part_modules(self, model: nn.Module) -> dict[str, nn.Module]:
+        return {role: model.get_submodule(name) for role, name in self.parts(model).items()}
+
+    def lora_target_names(self, model: nn.Module) -> list[str]:
+        """The default LoRA targets: leaf names of the language model's linear layers, the
+        head's excluded."""
+        modules = self.part_modules(model)
+        head = modules[HEAD]
+        names = set()
+        for name, module in modules[LANGUAGE_MODEL].named_modules():
+            is_linear = isinstance(module, nn.Linear) or type(module).__name__ in QUANTIZED_LINEARS
+            if is_linear and module is not head:
+                names.add(name.rsplit(".", 1)[-1])
+        return sorted(names)
+
+
+def module_name(model: nn.Module, target: nn.Module) -> str:
+    for name, module in model.named_modules():
+        if module is target:
+            return name
+    raise ValueError(f"{type(target).__name__} is not a module of {type(model).__name__}")
+
+
+MODEL_KINDS: dict[str, ModelKind] = {
+    kind.model_type: kind
+    for kind in (
+        ModelKind(
+            model_type=LlavaForCausalLM.config_class.model_type,
+            model_class=LlavaForCausalLM,
+            part_names={
+                VISION: "vision_tower",
+                CONNECTOR: "projector",
+                LANGUAGE_MODEL: "language_model",
+            },
+        ),
+    )
+}
+
+
+def kind_of(model: nn.Module) -> ModelKind:
+    """The kind of a model (possibly inside a peft wrapper)."""
+    base = unwrap_base(model)
+    for kind in MODEL_KINDS.values():
+        if isinstance(base, kind.model_class):
+            return kind
+    raise ValueError(
+        f"{type(base).__name__} is not a model kind this project knows "
+        f"(known: {', '.join(MODEL_KINDS)})"
+    )
+
+
+def kind_for_config(config: dict[str, Any]) -> ModelKind | None:
+    """The kind that recognises a saved config.json's contents, None for none."""
+    for kind in MODEL_KINDS.values():
+        if kind.recognises(config):
+            return kind
+    return None
+
+
+def saved_config(folder: str) -> dict[str, Any] | None:
+    """A checkpoint folder's config.json, None where it is absent or unreadable (the loaders'
+    own checks name the file then)."""
+    path = os.path.join(folder, CONFIG_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        return read_json_object(path)
+    except ValueError:
+        return None
+
+
+def recognise_checkpoint(folder: str) -> ModelKind | None:
+    """The kind of the checkpoint in `folder`, from its config.json (never its name)."""
+    config = saved_config(folder)
+    return None if config is None else kind_for_config(config)
+
+
+def parts_by_role(model: nn.Module) -> dict[str, nn.Module]:
+    """The (un-wrapped) model's parts by role."""
+    base = unwrap_base(model)
+    return kind_of(base).part_modules(base)
+
+
+def parameter_roles(model: nn.Module) -> dict[str, str]:
+    """Parameter name (in the un-wrapped model) -> the role of the innermost part holding it."""
+    base = unwrap_base(model)
+    parts = sorted(kind_of(base).parts(base).items(), key=lambda item: -len(item[1]))
+    roles = {}
+    for name, _ in base.named_parameters():
+        for role, prefix in parts:
+            if name.startswith(prefix + "."):
+                roles[name] = role
+                break
+    return roles
