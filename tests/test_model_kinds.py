@@ -1,5 +1,5 @@
 """The model-kind registry: a saved composed checkpoint is recognised from its config (not its
-folder's name) and its parts are reported by role."""
+folder's name), its parts are reported by role, and loaders read what it holds from its plan."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from llava.model.builder import build_llava_model
+from llava.files import MissingFileError
+from llava.model.builder import build_llava_model, checkpoint_kind, load_pretrained_model
 from llava.model.kinds import (
     CONNECTOR,
     HEAD,
@@ -21,6 +22,7 @@ from llava.model.kinds import (
     recognise_checkpoint,
 )
 from llava.train.lora import add_lora
+from llava.train.stages import plan_stage, record_stage_plan
 
 
 @pytest.fixture
@@ -68,3 +70,18 @@ def test_lora_targets_default_to_the_language_models_linears(model):
 def test_an_unknown_model_is_named():
     with pytest.raises(ValueError, match="Linear is not a model kind"):
         kind_of(torch.nn.Linear(2, 2))
+
+
+def test_loaders_read_what_a_checkpoint_holds_from_its_saved_plan(model, tmp_path):
+    full = tmp_path / "full"
+    record_stage_plan(model.config, plan_stage())
+    model.save_pretrained(full)
+    assert checkpoint_kind(str(full)) == "full"
+    # A config that says adapters over a folder without them: the plan decides, and the
+    # loader names the missing file instead of guessing from the rest.
+    claims_adapters = tmp_path / "claims-adapters"
+    record_stage_plan(model.config, plan_stage(lora_enable=True))
+    model.save_pretrained(claims_adapters)
+    assert checkpoint_kind(str(claims_adapters)) == "lora"
+    with pytest.raises(MissingFileError, match="adapter_config.json"):
+        load_pretrained_model(str(claims_adapters), model_base=str(full))

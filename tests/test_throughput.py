@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -11,9 +13,11 @@ from llava.data.packing import PackingCollator
 from llava.model.builder import build_llava_model
 from llava.train import throughput
 from llava.train.arguments import parse_arguments
-from llava.train.lora import add_lora
+from llava.train.lora import add_lora, lora_rank
+from llava.train.stages import apply_stage, plan_stage
 from llava.train.throughput import (
     StageGrads,
+    ThroughputCallback,
     ThroughputMeter,
     batch_statistics,
     flop_model_for,
@@ -49,19 +53,20 @@ def test_stage_one_flops_match_a_hand_count(model):
         2 * image + 40 * 2 * LLM_TOKEN_FORWARD + 800 * 3 * ATTENTION_FORWARD
         + 10 * 2 * HEAD_FORWARD
     )  # fmt: skip
-    flops = flop_model_for(model.config, StageGrads(projector=True)).step_flops(BATCH)
+    grads = stage_grads(plan_stage(tune_mm_mlp_adapter=True))
+    flops = flop_model_for(model.config, grads).step_flops(BATCH)
     assert flops == hand == 18_981_632
 
 
 def test_full_and_lora_finetune_flops_match_a_hand_count(model):
     image = TOWER_FORWARD + 2 * PROJECTOR_FORWARD[0] + 3 * PROJECTOR_FORWARD[1]
-    full = StageGrads(projector=True, language_model=True)
+    full = stage_grads(plan_stage())
     hand_full = (
         2 * image + 40 * 3 * LLM_TOKEN_FORWARD + 800 * 3 * ATTENTION_FORWARD
         + 10 * 3 * HEAD_FORWARD
     )  # fmt: skip
     assert flop_model_for(model.config, full).step_flops(BATCH) == hand_full
-    lora = StageGrads(projector=True, lora_rank=4)
+    lora = stage_grads(plan_stage(lora_enable=True), lora_rank=4)
     hand_lora = (
         2 * image + 40 * (2 * LLM_TOKEN_FORWARD + 3 * LORA_TOKEN_FORWARD)
         + 800 * 3 * ATTENTION_FORWARD + 10 * 2 * HEAD_FORWARD
@@ -69,12 +74,54 @@ def test_full_and_lora_finetune_flops_match_a_hand_count(model):
     assert flop_model_for(model.config, lora).step_flops(BATCH) == hand_lora
 
 
-def test_stage_grads_read_what_trains(tiny_llama_path, tiny_clip_path):
+def grads_from_requires_grad(model) -> StageGrads:
+    """What trains, read from the parameters (as the FLOP model's input once was)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def trains(part, lora=False):
+        named = part.named_parameters()
+        return any(p.requires_grad and (("lora_" in name) == lora) for name, p in named)
+
+    lm = base.language_model
+    return StageGrads(
+        tower=trains(base.vision_tower),
+        projector=trains(base.projector),
+        language_model=trains(lm),
+        head=trains(lm.get_output_embeddings()),
+        lora_rank=4 if trains(lm, lora=True) else 0,
+    )
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        dict(tune_mm_mlp_adapter=True),
+        dict(),
+        dict(freeze_backbone=True, tune_vision_tower=True),
+        dict(lora_enable=True),
+        dict(lora_enable=True, freeze_mm_mlp_adapter=True),
+    ],
+)
+def test_stage_grads_from_the_plan_are_what_its_application_trains(
+    tiny_llama_path, tiny_clip_path, flags
+):
+    plan = plan_stage(**flags)
     model = build_llava_model(tiny_llama_path, tiny_clip_path)
-    model.language_model.requires_grad_(False)
-    assert stage_grads(model) == StageGrads(projector=True)
+    apply_stage(model, plan)
+    if plan.lora:
+        model = add_lora(model, r=4, alpha=8, dropout=0.0, bias="none")
+    assert stage_grads(plan, lora_rank=lora_rank(model)) == grads_from_requires_grad(model)
+
+
+def test_the_callback_counts_the_plan_with_the_lora_configs_rank(tiny_llama_path, tiny_clip_path):
+    model = build_llava_model(tiny_llama_path, tiny_clip_path)
     wrapped = add_lora(model, r=4, alpha=8, dropout=0.0, bias="none")
-    assert stage_grads(wrapped) == StageGrads(projector=True, lora_rank=4)
+    callback = ThroughputCallback(plan_stage(lora_enable=True))
+    args = SimpleNamespace(device="cpu", bf16=False, fp16=False, peak_tflops=None)
+    callback.on_train_begin(args, None, None, model=wrapped)
+    expected = StageGrads(projector=True, lora_rank=4)  # the figures of the hand count above
+    assert callback.meter.flop_model == flop_model_for(model.config, expected)
+    assert stage_grads(plan_stage(), lora_rank=4).lora_rank == 0  # no LoRA in the plan
 
 
 def samples() -> list[dict]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 
@@ -10,6 +11,8 @@ import torch
 import transformers
 
 from llava.model.builder import build_llava_model
+from llava.model.config import LlavaConfig
+from llava.model.kinds import ROLES
 from llava.model.weights import (
     NON_LORA_TRAINABLES_FILE,
     PROJECTOR_FILE,
@@ -19,11 +22,26 @@ from llava.model.weights import (
 from llava.train.arguments import DataArguments, ModelArguments, TrainingArguments
 from llava.train.checkpoint import (
     load_projector,
+    non_lora_trainables,
     save_non_lora_trainables,
     save_projector,
 )
 from llava.train.lora import add_lora, language_model_linear_names, quantization_config
-from llava.train.stages import apply_stage, plan_stage, trainable_table
+from llava.train.stages import (
+    ADAPTERS,
+    FROZEN,
+    FULL_MODEL,
+    LORA,
+    PROJECTOR,
+    TRAINS,
+    apply_stage,
+    plan_stage,
+    record_stage_plan,
+    saved_stage_plan,
+    trainable_table,
+)
+from llava.train.throughput import ThroughputCallback
+from llava.train.trainer import LlavaTrainer
 from tests.fixtures.training import dry_run_arguments
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,6 +87,48 @@ def test_flags_map_onto_what_trains(model, flags, expected):
         "projector": projector,
         "language_model": language_model,
     }
+
+
+F, T, L = FROZEN, TRAINS, LORA
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [  # (vision, connector, language model, head), what checkpoints hold
+        (dict(tune_mm_mlp_adapter=True), ((F, T, F, F), PROJECTOR)),
+        (dict(tune_mm_mlp_adapter=True, tune_vision_tower=True), ((T, T, F, F), PROJECTOR)),
+        (dict(), ((F, T, T, T), FULL_MODEL)),
+        (dict(freeze_backbone=True), ((F, T, F, F), FULL_MODEL)),
+        (dict(freeze_mm_mlp_adapter=True), ((F, F, T, T), FULL_MODEL)),
+        (dict(tune_vision_tower=True), ((T, T, T, T), FULL_MODEL)),
+        (dict(lora_enable=True), ((F, T, L, F), ADAPTERS)),
+        (dict(lora_enable=True, freeze_backbone=True), ((F, T, L, F), ADAPTERS)),
+        (dict(lora_enable=True, freeze_mm_mlp_adapter=True), ((F, F, L, F), ADAPTERS)),
+        (dict(lora_enable=True, tune_vision_tower=True), ((T, T, L, F), ADAPTERS)),
+    ],
+)
+def test_flags_map_onto_a_plan_by_role(flags, expected):
+    plan = plan_stage(**flags)
+    modes, checkpoint = expected
+    assert tuple(plan.mode(role) for role in ROLES) == modes
+    assert plan.checkpoint == checkpoint
+    assert plan.lora == (LORA in modes)
+
+
+def test_the_plan_round_trips_through_a_saved_config(model, tmp_path):
+    plan = plan_stage(lora_enable=True, tune_vision_tower=True)
+    record_stage_plan(model.config, plan)
+    model.config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["stage_plan"] == {
+        "name": "finetune (LoRA)",
+        "parts": {"vision": "trains", "connector": "trains", "language_model": "lora",
+                  "head": "frozen"},
+        "checkpoint": "adapters",
+    }  # fmt: skip
+    assert saved_stage_plan(saved) == plan
+    assert saved_stage_plan(LlavaConfig.from_pretrained(tmp_path).to_dict()) == plan
+    assert saved_stage_plan({"model_type": "llava_composed"}) is None  # saved before plans
 
 
 def test_stage_one_cannot_be_combined_with_lora():
@@ -137,12 +197,43 @@ def test_projector_of_another_shape_is_refused(model, tiny_llama_path, tiny_clip
 
 
 def test_non_lora_trainables_hold_the_projector(model, tmp_path):
-    apply_stage(model, plan_stage(False, True, False, False, False))
+    plan = plan_stage(lora_enable=True)
+    apply_stage(model, plan)
     wrapped = add_lora(model, r=4, alpha=8, dropout=0.0, bias="none")
-    save_non_lora_trainables(wrapped, str(tmp_path), write=True)
+    save_non_lora_trainables(wrapped, plan, str(tmp_path), write=True)
     state = read_non_lora_trainables(str(tmp_path / NON_LORA_TRAINABLES_FILE), model)
     assert set(state) == {f"projector.{k}" for k in model.projector.state_dict()}
     assert torch.equal(state["projector.0.weight"], model.projector[0].weight)
+
+
+def test_non_lora_trainables_are_the_parts_the_plan_trains(model, tmp_path):
+    plan = plan_stage(lora_enable=True, tune_vision_tower=True)
+    apply_stage(model, plan)
+    wrapped = add_lora(model, r=4, alpha=8, dropout=0.0, bias="none")
+    names = {name for name, _ in non_lora_trainables(wrapped, plan)}
+    expected = {f"projector.{k}" for k in model.projector.state_dict()}
+    expected |= {f"vision_tower.{k}" for k, _ in model.vision_tower.named_parameters()}
+    assert names == expected
+    # ... which are exactly the trainable parameters that are not adapters.
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
+    assert names == trainable
+
+
+def test_image_token_check_raises_at_a_training_log_without_the_throughput_callback(
+    model, tmp_path
+):
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    plan = plan_stage(tune_mm_mlp_adapter=True)
+    trainer = LlavaTrainer(model=model, args=args, stage_plan=plan)
+    assert model.config.stage_plan == plan.to_dict()  # what its saved configs will say
+    trainer.remove_callback(ThroughputCallback)
+    assert trainer.throughput_callback() is None
+    trainer.log({"loss": 1.0})  # nothing pending
+    # What check_image_tokens counts on an accelerator instead of waiting for the device.
+    model.deferred_image_errors = torch.tensor(1)
+    trainer.log({"learning_rate": 1e-3})  # not a training log: the check waits for one
+    with pytest.raises(ValueError, match="did not match in 1 batch"):
+        trainer.log({"loss": 1.0})
 
 
 def script_arguments(script: str) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -15,6 +16,7 @@ from llava.data.dataset import load_supervised_dataset, split_for_validation
 from llava.model.builder import load_pretrained_model, load_tokenizer
 from llava.train.arguments import parse_arguments
 from llava.train.evaluation import PaddedShard
+from llava.train.stages import ADAPTERS, plan_stage, saved_stage_plan
 from llava.train.train import build_model, train
 from tests.fixtures.training import STAGE_ONE_FILES, training_flags
 
@@ -43,6 +45,8 @@ def test_stage_one_changes_the_projector_and_nothing_else(training_assets, tmp_p
     old, new = state_of(before.projector), state_of(after.projector)
     assert all(not torch.equal(old[k], new[k]) for k in old)
     assert sorted(os.listdir(tmp_path)) == STAGE_ONE_FILES
+    with open(tmp_path / "config.json") as f:  # the plan says what the folder holds
+        assert saved_stage_plan(json.load(f)) == plan_stage(tune_mm_mlp_adapter=True)
 
 
 def test_lora_checkpoint_reloads_into_the_same_outputs(training_assets, tmp_path):
@@ -58,6 +62,8 @@ def test_lora_checkpoint_reloads_into_the_same_outputs(training_assets, tmp_path
         "--save_steps", "3",
     )  # fmt: skip
     trainer = train(*parse_arguments(flags))
+    with open(tmp_path / "checkpoint-3" / "config.json") as f:
+        assert saved_stage_plan(json.load(f)).checkpoint == ADAPTERS
     loaded = load_pretrained_model(
         str(tmp_path / "checkpoint-3"), model_base=training_assets["llm"]
     ).model

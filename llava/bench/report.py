@@ -11,13 +11,22 @@ from typing import Any
 import torch
 
 from llava.bench.configs import BenchConfig
+from llava.model.kinds import CONNECTOR, LANGUAGE_MODEL, VISION, parts_by_role
+from llava.train.stages import StagePlan, plan_stage
 from llava.train.throughput import (
     PEAK_FLOPS,
     FlopModel,
-    StageGrads,
     flop_model_for,
+    stage_grads,
     tower_shape,
 )
+
+# The flags each benchmark stage trains with (as llava/bench/runs.py passes them).
+STAGE_FLAGS = {
+    "pretrain": {"tune_mm_mlp_adapter": True},
+    "finetune": {},
+    "lora": {"lora_enable": True},
+}
 
 
 def llava_config(config: BenchConfig):
@@ -46,16 +55,13 @@ def llava_config(config: BenchConfig):
     )
 
 
-def stage_grads(stage: str, config: BenchConfig) -> StageGrads:
-    return {
-        "pretrain": StageGrads(projector=True),
-        "finetune": StageGrads(projector=True, language_model=True),
-        "lora": StageGrads(projector=True, lora_rank=config.lora_r),
-    }[stage]
+def stage_plan(stage: str) -> StagePlan:
+    return plan_stage(**STAGE_FLAGS[stage])
 
 
 def flop_model(stage: str, config: BenchConfig) -> FlopModel:
-    return flop_model_for(llava_config(config), stage_grads(stage, config))
+    grads = stage_grads(stage_plan(stage), lora_rank=config.lora_r)
+    return flop_model_for(llava_config(config), grads)
 
 
 def peak_flops(config: BenchConfig, override_tflops: float | None) -> float | None:
@@ -172,14 +178,15 @@ def machine() -> str:
 
 
 def parameter_counts(config: BenchConfig) -> dict[str, int]:
-    """Parameters per part, from the model built on the meta device (no memory)."""
+    """Parameters per role (vision, connector, language model, head inside it), from the model
+    built on the meta device (no memory)."""
     from llava.model.llava import LlavaForCausalLM
 
     with torch.device("meta"):
         model = LlavaForCausalLM(llava_config(config))
     return {
-        part: sum(p.numel() for p in getattr(model, part).parameters())
-        for part in ("vision_tower", "projector", "language_model")
+        role: sum(p.numel() for p in part.parameters())
+        for role, part in parts_by_role(model).items()
     }
 
 
@@ -216,12 +223,12 @@ def dry_run_report(config: BenchConfig, stages: list[str], override_tflops: floa
         f"max length {config.model_max_length}",
         f"vision tower: CLIP {config.image_size}px/{config.patch_size}, {config.vision_layers} "
         f"layers x {config.vision_width}, {tower.positions} positions, "
-        f"{config.num_image_tokens} image tokens; {counts['vision_tower'] / 1e6:.1f}M parameters",
+        f"{config.num_image_tokens} image tokens; {counts[VISION] / 1e6:.1f}M parameters",
         f"projector: mlp2x_gelu {config.vision_width}->{config.text_width}; "
-        f"{counts['projector'] / 1e6:.2f}M parameters",
+        f"{counts[CONNECTOR] / 1e6:.2f}M parameters",
         f"language model: Llama {config.text_layers} layers x {config.text_width} "
         f"(MLP {config.text_intermediate}, {config.text_heads} heads), vocab {config.vocab_size}; "
-        f"{counts['language_model'] / 1e6:.1f}M parameters",
+        f"{counts[LANGUAGE_MODEL] / 1e6:.1f}M parameters",
         f"peak: {peak / 1e12 if peak else float('nan'):.3g} TFLOP/s",
         "",
         "| stage | tokens/step | supervised/step | TFLOP/step | s/step at 100% MFU | at 40% |",

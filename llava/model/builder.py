@@ -21,14 +21,18 @@ from llava.files import (
     read_json_object,
 )
 from llava.model.config import LlavaConfig
-from llava.model.kinds import CONNECTOR, VISION, parts_by_role, recognise_checkpoint
+from llava.model.kinds import CONNECTOR, VISION, parts_by_role, recognise_checkpoint, saved_config
 from llava.model.llava import LlavaForCausalLM
 from llava.model.vision_tower import describe_vision_tower, load_vision_tower
 from llava.model.weights import (
+    ADAPTERS,
+    FULL_MODEL,
     NON_LORA_TRAINABLES_FILE,
+    PROJECTOR,
     PROJECTOR_FILE,
     read_non_lora_trainables,
     read_projector_file,
+    saved_checkpoint_contents,
 )
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -145,6 +149,8 @@ def load_tokenizer(
 # Loading a trained checkpoint, whatever kind it is, decided from the files it holds.
 
 CHECKPOINT_KINDS = ("full", "lora", "projector")
+# What a saved stage plan says the checkpoint holds -> the loader that opens it.
+LOADER_FOR_CONTENTS = {FULL_MODEL: "full", ADAPTERS: "lora", PROJECTOR: "projector"}
 CHECKPOINT_CONTENTS = (
     f"model weights and {CONFIG_FILE} (a full model), {ADAPTER_CONFIG_FILE} with the adapter "
     f"(LoRA), or {PROJECTOR_FILE} and {CONFIG_FILE} (a stage-1 projector)"
@@ -159,7 +165,11 @@ def is_model_weights_file(name: str) -> bool:
 
 
 def checkpoint_kind(model_path: str) -> str:
-    """'full' (weights + config), 'lora' (adapter + non-LoRA trainables) or 'projector'."""
+    """'full' (weights + config), 'lora' (adapter + non-LoRA trainables) or 'projector'.
+
+    Read from the stage plan its config.json records; checkpoints saved before plans were
+    recorded (or by other programs) are told apart by their files. Never by the folder's name.
+    """
     if not os.path.isdir(model_path):
         raise MissingFileError(
             model_path, f"no checkpoint folder here (expected {CHECKPOINT_CONTENTS})"
@@ -167,6 +177,9 @@ def checkpoint_kind(model_path: str) -> str:
     files = set(os.listdir(model_path))
     if not files:
         raise UnreadableFileError(model_path, f"empty folder (expected {CHECKPOINT_CONTENTS})")
+    contents = saved_checkpoint_contents(saved_config(model_path) or {})
+    if contents is not None:
+        return LOADER_FOR_CONTENTS[contents]
     if ADAPTER_CONFIG_FILE in files:
         return "lora"
     if any(is_model_weights_file(name) for name in files):

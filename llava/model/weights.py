@@ -18,6 +18,11 @@ NON_LORA_TRAINABLES_FILE = "non_lora_trainables.bin"
 ORIGINAL_PROJECTOR_PREFIX = "model.mm_projector."
 PEFT_PREFIX = "base_model.model."
 
+# What a checkpoint holds besides the run state (a stage plan's `checkpoint`), and the config.json
+# key the trainer records the stage plan under (llava/train/stages.py).
+PROJECTOR, ADAPTERS, FULL_MODEL = "projector", "adapters", "full model"
+STAGE_PLAN_KEY = "stage_plan"
+
 # Prefixes a projector key may carry, in any checkpoint we know of -> stripped.
 PROJECTOR_PREFIXES = (
     PEFT_PREFIX + ORIGINAL_PROJECTOR_PREFIX,
@@ -26,6 +31,14 @@ PROJECTOR_PREFIXES = (
     "mm_projector.",
     "projector.",
 )
+
+
+def saved_checkpoint_contents(config: dict) -> str | None:
+    """PROJECTOR, ADAPTERS or FULL_MODEL as a saved config's stage plan records it; None for a
+    config written before plans were recorded (or by another program)."""
+    plan = config.get(STAGE_PLAN_KEY)
+    contents = plan.get("checkpoint") if isinstance(plan, dict) else None
+    return contents if contents in (PROJECTOR, ADAPTERS, FULL_MODEL) else None
 
 
 def projector_file_state(projector_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

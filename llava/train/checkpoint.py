@@ -1,4 +1,5 @@
-"""ZeRO-3-safe save and load of the projector and of the non-LoRA trainables."""
+"""ZeRO-3-safe save and load of the projector and of the non-LoRA trainables (the parts a stage
+plan trains in full beside LoRA adapters)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from llava.model.kinds import CONNECTOR, parts_by_role, unwrap_base
+from llava.model.kinds import CONNECTOR, parameter_roles, parts_by_role, unwrap_base
 from llava.model.weights import (
     NON_LORA_TRAINABLES_FILE,
     PROJECTOR_FILE,
@@ -18,6 +19,7 @@ from llava.model.weights import (
     read_non_lora_trainables,
     read_projector_file,
 )
+from llava.train.stages import TRAINS, StagePlan
 
 
 def is_partitioned(parameter: nn.Parameter) -> bool:
@@ -75,18 +77,21 @@ def load_projector(model: nn.Module, path: str) -> None:
             parameter.copy_(state[name].to(parameter.dtype))
 
 
-def non_lora_trainables(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """Trainable parameters that are not LoRA adapters (projector, unfrozen tower, ...)."""
+def non_lora_trainables(model: nn.Module, plan: StagePlan) -> list[tuple[str, nn.Parameter]]:
+    """The parameters of the parts the plan trains in full (projector, unfrozen tower, ...),
+    named as in the un-wrapped model; LoRA parts' adapters are peft's to save."""
     base = unwrap_base(model)
+    trained = plan.roles(TRAINS)
+    roles = parameter_roles(base)
     return [
         (name, parameter)
         for name, parameter in base.named_parameters()
-        if parameter.requires_grad and "lora_" not in name
+        if roles.get(name) in trained
     ]
 
 
-def save_non_lora_trainables(model: nn.Module, folder: str, write: bool) -> None:
-    state = full_state(non_lora_trainables(model))
+def save_non_lora_trainables(model: nn.Module, plan: StagePlan, folder: str, write: bool) -> None:
+    state = full_state(non_lora_trainables(model, plan))
     if write:
         os.makedirs(folder, exist_ok=True)
         file_state = non_lora_file_state(unwrap_base(model), state)

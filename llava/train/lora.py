@@ -10,6 +10,13 @@ from torch import nn
 
 from llava.model.kinds import LANGUAGE_MODEL, kind_of, unwrap_base
 
+# peft's mark of adapter parameters (LoraModel.prefix: lora_A, lora_B, lora_embedding_*, ...).
+ADAPTER_MARK = "lora_"
+
+
+def is_adapter(parameter_name: str) -> bool:
+    return ADAPTER_MARK in parameter_name
+
 
 def language_model_linear_names(model: nn.Module) -> list[str]:
     """The model kind's default LoRA targets: distinct leaf names of the language model's
@@ -34,6 +41,12 @@ def lora_target_pattern(model: nn.Module, target_modules: str | None) -> str:
     language_model = kind_of(model).parts(unwrap_base(model))[LANGUAGE_MODEL]
     alternatives = "|".join(re.escape(name) for name in wanted)
     return rf"{re.escape(language_model)}\..*\.({alternatives})"
+
+
+def lora_rank(model: nn.Module) -> int:
+    """The rank of the model's LoRA adapters (its peft config), 0 without any."""
+    peft_config = getattr(model, "peft_config", {}).get("default")
+    return getattr(peft_config, "r", 0)
 
 
 def add_lora(

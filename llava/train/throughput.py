@@ -10,6 +10,7 @@ import torch
 from transformers import TrainerCallback
 
 from llava.constants import IGNORE_INDEX
+from llava.train.stages import LORA, TRAINS, StagePlan
 
 # Dense peak FLOP/s by (device name fragment, dtype). The CPU rows are this project's 2-core
 # machines (REFERENCE.md; `measure_matmul_peak()` measures the one at hand); GPU rows are the
@@ -138,11 +139,13 @@ class TextShape:
 
 @dataclass(frozen=True)
 class StageGrads:
-    """Which parts train in a stage (and the LoRA rank, 0 without LoRA)."""
+    """Which parts get weight gradients in a stage (and the LoRA rank, 0 without LoRA); made
+    from the stage plan by `stage_grads`."""
 
     tower: bool = False
     projector: bool = True
     language_model: bool = False
+    head: bool = False
     lora_rank: int = 0
 
 
@@ -171,7 +174,7 @@ def build_flop_model(
         image_flops=tower_flops + projector_flops(projector, tower.features, grads),
         token_flops=text.token_forward_flops() * lm_multiplier + lora,
         attention_flops=text.attention_forward_flops() * 3,
-        supervised_flops=2 * text.hidden * text.vocab * lm_multiplier,
+        supervised_flops=2 * text.hidden * text.vocab * (2 + int(grads.head)),
     )
 
 
@@ -230,23 +233,15 @@ def flop_model_for(config: Any, grads: StageGrads) -> FlopModel:
     return build_flop_model(tower, layers, text, grads)
 
 
-def stage_grads(model: torch.nn.Module) -> StageGrads:
-    """What trains in `model`: a LlavaForCausalLM, possibly inside a peft wrapper."""
-    from llava.train.checkpoint import unwrap_base
-
-    base = unwrap_base(model)
-
-    def trains(part: str, lora: bool = False) -> bool:
-        named = getattr(base, part).named_parameters()
-        return any(p.requires_grad and (("lora_" in name) == lora) for name, p in named)
-
-    peft_config = getattr(model, "peft_config", {}).get("default")
-    lora_rank = getattr(peft_config, "r", 0) if trains("language_model", lora=True) else 0
+def stage_grads(plan: StagePlan, lora_rank: int = 0) -> StageGrads:
+    """What a stage plan trains, by role; `lora_rank` (the LoRA config's r) counts only where
+    the plan puts the language model under LoRA."""
     return StageGrads(
-        tower=trains("vision_tower"),
-        projector=trains("projector"),
-        language_model=trains("language_model"),
-        lora_rank=lora_rank,
+        tower=plan.vision == TRAINS,
+        projector=plan.connector == TRAINS,
+        language_model=plan.language_model == TRAINS,
+        head=plan.head == TRAINS,
+        lora_rank=lora_rank if plan.language_model == LORA else 0,
     )
 
 
@@ -346,15 +341,18 @@ class ThroughputMeter:
 
 
 class ThroughputCallback(TrainerCallback):
-    """Builds the meter (FLOP model of the model's stage, the device's peak) when training
+    """Builds the meter (FLOP model of the stage plan, the device's peak) when training
     starts; the trainer records each batch into it and adds its rates to the training logs."""
 
-    def __init__(self):
+    def __init__(self, plan: StagePlan):
+        self.plan = plan
         self.meter: ThroughputMeter | None = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from llava.train.lora import lora_rank
+
         flop_model = None
         config = getattr(getattr(model, "config", None), "vision_tower_config", None)
         if config is not None:
-            flop_model = flop_model_for(model.config, stage_grads(model))
+            flop_model = flop_model_for(model.config, stage_grads(self.plan, lora_rank(model)))
         self.meter = ThroughputMeter(flop_model, peak_flops_for(args))

@@ -12,25 +12,26 @@ from transformers import Trainer
 
 from llava.compat import make_tokenizer_config_portable
 from llava.data.packing import without_sample_lengths
+from llava.model.kinds import CONNECTOR, parts_by_role, unwrap_base
 from llava.model.weights import NON_LORA_TRAINABLES_FILE, PROJECTOR_FILE
 from llava.train.checkpoint import (
     load_non_lora_trainables,
     load_projector,
     save_non_lora_trainables,
     save_projector,
-    unwrap_base,
 )
 from llava.train.commit import commit_checkpoint, publish, rotate, staging_folder
 from llava.train.evaluation import PaddedShard, loss_metrics, summed_loss
 from llava.train.run_folder import write_run_complete, write_run_flags
-from llava.train.stages import ADAPTERS, PROJECTOR, StagePlan
+from llava.train.stages import ADAPTERS, PROJECTOR, StagePlan, record_stage_plan
 from llava.train.throughput import ThroughputCallback
 
 
 class LlavaTrainerMixin:
     """Behaviour shared by the GPU/CPU trainer and the Gaudi trainer.
 
-    Takes `stage_plan` (a StagePlan) and `run_flags` (recorded in every checkpoint, see
+    Takes `stage_plan` (a StagePlan: what checkpoints hold, what the FLOP count assumes; it is
+    recorded in every saved config.json) and `run_flags` (recorded in every checkpoint, see
     llava/train/run_folder.py) besides the trainer's own arguments; the train dataset exposes
     `lengths` and `modalities` for the grouped samplers.
     """
@@ -43,6 +44,7 @@ class LlavaTrainerMixin:
         self.stage_plan = stage_plan
         self.run_flags = run_flags or {}
         super().__init__(*args, **kwargs)
+        record_stage_plan(unwrap_base(self.model).config, stage_plan)
         self.model.register_load_state_dict_post_hook(forgive_missing_frozen_weights)
         self.add_throughput_callback()
 
@@ -72,11 +74,12 @@ class LlavaTrainerMixin:
             return self.optimizer
         model = self.model if model is None else model
         decay_names = set(self.get_decay_parameter_names(model))
+        connector = {id(p) for p in parts_by_role(self.model)[CONNECTOR].parameters()}
         groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
         for name, parameter in model.named_parameters():
             if not parameter.requires_grad:
                 continue
-            is_projector = self.args.mm_projector_lr is not None and is_projector_name(name)
+            is_projector = self.args.mm_projector_lr is not None and id(parameter) in connector
             groups.setdefault((name in decay_names, is_projector), []).append(parameter)
         param_groups = []
         for (decay, is_projector), parameters in groups.items():
@@ -108,7 +111,7 @@ class LlavaTrainerMixin:
     def add_throughput_callback(self) -> None:
         """Log samples/s, tokens/s, padding, TFLOP/s and MFU at each logging step."""
         if self.throughput_callback() is None:
-            self.add_callback(ThroughputCallback())
+            self.add_callback(ThroughputCallback(self.stage_plan))
 
     def throughput_callback(self) -> ThroughputCallback | None:
         for callback in self.callback_handler.callbacks:
@@ -124,18 +127,22 @@ class LlavaTrainerMixin:
         return super().training_step(model, without_sample_lengths(inputs), *args, **kwargs)
 
     def add_throughput_metrics(self, logs: dict[str, float]) -> None:
-        """Training logs (those with a loss) gain the rates since the previous one; a deferred
-        image-token check raises here, where the step waits for the device anyway."""
+        """Training logs (those with a loss) gain the rates since the previous one."""
         callback = self.throughput_callback()
         if "loss" not in logs or callback is None or callback.meter is None:
             return
         logs.update(callback.meter.rates())
+
+    def raise_deferred_image_errors(self, logs: dict[str, float]) -> None:
+        """At each training log (one with a loss), where the step waits for the device anyway,
+        the model's deferred image-token check raises (see LlavaForCausalLM.check_image_tokens)."""
         raise_deferred = getattr(unwrap_base(self.model), "raise_deferred_image_errors", None)
-        if raise_deferred is not None:
+        if "loss" in logs and raise_deferred is not None:
             raise_deferred()
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         self.add_throughput_metrics(logs)
+        self.raise_deferred_image_errors(logs)
         super().log(logs, *args, **kwargs)
 
     # -- evaluation ---------------------------------------------------------------------------
@@ -179,7 +186,7 @@ class LlavaTrainerMixin:
         if write and self.processing_class is not None:  # the trainer saved it beside the model
             make_tokenizer_config_portable(self.processing_class, output_dir)
         if self.stage_plan.checkpoint == ADAPTERS:
-            save_non_lora_trainables(self.model, output_dir, write)
+            save_non_lora_trainables(self.model, self.stage_plan, output_dir, write)
             if write:
                 base.config.save_pretrained(output_dir)
 
@@ -259,10 +266,6 @@ def forgive_missing_frozen_weights(model: torch.nn.Module, incompatible_keys) ->
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
     missing = [key for key in incompatible_keys.missing_keys if key not in frozen]
     incompatible_keys.missing_keys[:] = missing
-
-
-def is_projector_name(name: str) -> bool:
-    return name.removeprefix("base_model.model.").startswith("projector.")
 
 
 class LlavaTrainer(LlavaTrainerMixin, Trainer):
