@@ -93,7 +93,8 @@ def digests(folder: str) -> dict[str, str]:
 def reference(request, stage_one_runs) -> tuple[str, str]:
     """(the uninterrupted run of the stage, the stage-1 projector stage 2 starts from)."""
     stage = request.node.callspec.params["stage"]
-    run = {"pretrain": stage_one_runs[0]}.get(stage) or request.getfixturevalue(f"{stage}_run")
+    name = "stage_one_zero3_run" if stage == "pretrain" else f"{stage}_run"
+    run = request.getfixturevalue(name)
     return run, ("" if stage == "pretrain" else os.path.join(stage_one_runs[0], "mm_projector.bin"))
 
 
@@ -144,7 +145,7 @@ def test_kill_9_at_every_point_of_a_save_loses_nothing(stage, training_assets, r
     assert digests(output) == before
 
 
-@pytest.mark.parametrize("stage", ["lora"])
+@pytest.mark.parametrize("stage", ["lora", "full"])  # deepspeed launcher, torchrun
 def test_sigterm_to_the_launcher_and_ranks_checkpoints_the_step_and_resumes(
     stage, training_assets, reference, tmp_path
 ):
