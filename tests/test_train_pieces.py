@@ -96,7 +96,6 @@ F, T, L = FROZEN, TRAINS, LORA
     ("flags", "expected"),
     [  # (vision, connector, language model, head), what checkpoints hold
         (dict(tune_mm_mlp_adapter=True), ((F, T, F, F), PROJECTOR)),
-        (dict(tune_mm_mlp_adapter=True, tune_vision_tower=True), ((T, T, F, F), PROJECTOR)),
         (dict(), ((F, T, T, T), FULL_MODEL)),
         (dict(freeze_backbone=True), ((F, T, F, F), FULL_MODEL)),
         (dict(freeze_mm_mlp_adapter=True), ((F, F, T, T), FULL_MODEL)),
@@ -131,9 +130,12 @@ def test_the_plan_round_trips_through_a_saved_config(model, tmp_path):
     assert saved_stage_plan({"model_type": "llava_composed"}) is None  # saved before plans
 
 
-def test_stage_one_cannot_be_combined_with_lora():
+def test_stage_one_cannot_be_combined_with_lora_or_a_trained_tower():
     with pytest.raises(ValueError, match="only the projector"):
         plan_stage(True, True, False, False, False)
+    # The tower would train and then be lost: stage 1 saves only mm_projector.bin.
+    with pytest.raises(ValueError, match="--tune_vision_tower .*would not be saved"):
+        plan_stage(tune_mm_mlp_adapter=True, tune_vision_tower=True)
 
 
 def test_lora_goes_on_every_language_model_linear_and_nowhere_else(model):
@@ -234,6 +236,10 @@ def test_image_token_check_raises_at_a_training_log_without_the_throughput_callb
     trainer.log({"learning_rate": 1e-3})  # not a training log: the check waits for one
     with pytest.raises(ValueError, match="did not match in 1 batch"):
         trainer.log({"loss": 1.0})
+    # A mismatch after the last logging step raises at the end-of-training log.
+    model.deferred_image_errors = torch.tensor(2)
+    with pytest.raises(ValueError, match="did not match in 2 batch"):
+        trainer.log({"train_runtime": 1.0, "train_loss": 1.0})
 
 
 def script_arguments(script: str) -> list[str]:

@@ -104,12 +104,14 @@ def plan_stage(
     vision = TRAINS if tune_vision_tower else FROZEN
     connector = FROZEN if freeze_mm_mlp_adapter else TRAINS
     if tune_mm_mlp_adapter:
-        if lora_enable or freeze_mm_mlp_adapter:
+        if lora_enable or freeze_mm_mlp_adapter or tune_vision_tower:
             raise ValueError(
-                "--tune_mm_mlp_adapter trains only the projector; it cannot be combined with "
-                "--lora_enable or --freeze_mm_mlp_adapter"
+                "--tune_mm_mlp_adapter trains only the projector and saves only mm_projector.bin; "
+                "it cannot be combined with --lora_enable, --freeze_mm_mlp_adapter or "
+                "--tune_vision_tower (a tower trained there would not be saved: train it in "
+                "stage 2)"
             )
-        return StagePlan("pretrain (projector only)", vision, TRAINS, FROZEN, FROZEN, PROJECTOR)
+        return StagePlan("pretrain (projector only)", FROZEN, TRAINS, FROZEN, FROZEN, PROJECTOR)
     if lora_enable:
         return StagePlan("finetune (LoRA)", vision, connector, LORA, FROZEN, ADAPTERS)
     language_model = FROZEN if freeze_backbone else TRAINS

@@ -135,9 +135,10 @@ class LlavaTrainerMixin:
 
     def raise_deferred_image_errors(self, logs: dict[str, float]) -> None:
         """At each training log (one with a loss), where the step waits for the device anyway,
-        the model's deferred image-token check raises (see LlavaForCausalLM.check_image_tokens)."""
+        and at the end-of-training log (train_loss, after the last step), the model's deferred
+        image-token check raises (see LlavaForCausalLM.check_image_tokens)."""
         raise_deferred = getattr(unwrap_base(self.model), "raise_deferred_image_errors", None)
-        if "loss" in logs and raise_deferred is not None:
+        if ("loss" in logs or "train_loss" in logs) and raise_deferred is not None:
             raise_deferred()
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
