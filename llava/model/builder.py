@@ -8,8 +8,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerBase,
+)
+from transformers import LlavaConfig as HFLlavaConfig
 
+from llava.compat import native_state_dict
 from llava.device import resolve_device
 from llava.files import (
     CONFIG_FILE,
@@ -21,9 +29,23 @@ from llava.files import (
     read_json_object,
 )
 from llava.model.config import LlavaConfig
-from llava.model.kinds import CONNECTOR, VISION, parts_by_role, recognise_checkpoint, saved_config
+from llava.model.hf_llava import check_projector_shapes, llava_config, llava_state_dict
+from llava.model.kinds import (
+    CONNECTOR,
+    HF_LLAVA,
+    VISION,
+    parts_by_role,
+    recognise_checkpoint,
+    recognise_import,
+    saved_config,
+)
 from llava.model.llava import LlavaForCausalLM
-from llava.model.vision_tower import describe_vision_tower, load_vision_tower
+from llava.model.vision_tower import (
+    HF_TOWERS,
+    HFVisionTower,
+    describe_vision_tower,
+    load_vision_tower,
+)
 from llava.model.weights import (
     ADAPTERS,
     FULL_MODEL,
@@ -292,7 +314,12 @@ def load_pretrained_model(
     if tokenizer_path is None:
         raise ValueError(f"{model_path!r} has no tokenizer; pass --model-base")
     tokenizer = load_tokenizer(tokenizer_path)
-    if kind == "full":
+    imported = recognise_import(model_path) if kind == "full" else None
+    if imported is not None:
+        model, processor = IMPORTERS[imported](model_path, torch_dtype, **language_model_kwargs)
+        if tokenizer.chat_template is None:  # older folders keep it with the processor only
+            tokenizer.chat_template = processor.chat_template
+    elif kind == "full":
         model = full_model_class(model_path).from_pretrained(
             model_path, torch_dtype=torch_dtype, **language_model_kwargs
         )
@@ -323,6 +350,56 @@ def full_model_class(model_path: str) -> type[LlavaForCausalLM]:
     LlavaForCausalLM for configs no kind recognises, as before kinds were recorded)."""
     kind = recognise_checkpoint(model_path)
     return kind.model_class if kind is not None else LlavaForCausalLM
+
+
+def load_hf_llava(
+    folder: str, torch_dtype: torch.dtype | None = None, **model_kwargs: Any
+) -> tuple[LlavaForCausalLM, LlavaProcessor]:
+    """A transformers LlavaForConditionalGeneration folder (llava-hf) as LlavaForCausalLM, and
+    the folder's processor (tokenizer, image processor, chat template).
+
+    The config is checked before any weight loads (`hf_llava.llava_config`). Our model takes
+    over transformers' modules (tower, decoder, head), so nothing is copied and the dtype,
+    device map or quantization of `model_kwargs` carry over; the projector's weights move over
+    by name (`hf_llava.llava_state_dict`).
+    """
+    hf_config = HFLlavaConfig.from_pretrained(folder)
+    processor = LlavaProcessor.from_pretrained(folder)
+    config = llava_config(hf_config, processor.image_processor, source=folder)
+    hf_model = LlavaForConditionalGeneration.from_pretrained(
+        folder, config=hf_config, torch_dtype=torch_dtype, **model_kwargs
+    )
+    parts = hf_model.model
+    check_projector_shapes(parts.multi_modal_projector, hf_config)
+    tower_type = config.vision_tower_config["tower_type"]
+    if not isinstance(parts.vision_tower, HF_TOWERS[tower_type].model_class):
+        raise ValueError(f"{folder}: the vision tower is a {type(parts.vision_tower).__name__}")
+    tower = HFVisionTower(
+        tower_type,
+        parts.vision_tower,
+        processor.image_processor,
+        config.mm_vision_select_layer,
+        config.mm_vision_select_feature,
+    )
+    with torch.device("meta"):  # only a shell: its decoder and head are replaced below
+        language_model = AutoModelForCausalLM.from_config(config.text_config)
+    setattr(language_model, language_model.base_model_prefix, parts.language_model)
+    language_model.set_output_embeddings(hf_model.get_output_embeddings())
+    language_model.generation_config = hf_model.generation_config
+    model = LlavaForCausalLM(config, vision_tower=tower, language_model=language_model)
+    weights = native_state_dict(model, llava_state_dict(hf_model.state_dict()))
+    projector = {
+        k[len("projector.") :]: v for k, v in weights.items() if k.startswith("projector.")
+    }
+    model.projector.load_state_dict(projector, assign=True)
+    left_out = set(weights) ^ set(model.state_dict())
+    if left_out or any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        raise RuntimeError(f"{folder}: weights that did not carry over: {sorted(left_out)[:5]}")
+    return model, processor
+
+
+# Loaders of the checkpoints other programs write (kinds.IMPORTED_FORMATS recognises them).
+IMPORTERS = {HF_LLAVA: load_hf_llava}
 
 
 def merge_lora_checkpoint(model: LlavaForCausalLM, model_path: str) -> LlavaForCausalLM:

@@ -1,8 +1,10 @@
-"""Mapping onto transformers' LlavaForConditionalGeneration: config, weights, chat template."""
+"""Mapping onto transformers' LlavaForConditionalGeneration and back: config, weights, chat
+template (export_hf writes one; builder.load_hf_llava opens one as LlavaForCausalLM)."""
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import torch
 from transformers import CLIPVisionConfig
@@ -11,6 +13,7 @@ from transformers import LlavaConfig as HFLlavaConfig
 from llava.constants import IMAGE_TOKEN
 from llava.conversation import ChatTemplate, fill
 from llava.model.config import LlavaConfig
+from llava.model.vision_tower import HF_MODEL_TYPES, HF_TOWERS
 
 # Our key prefix -> transformers' (4.55 layout: model.{vision_tower,multi_modal_projector,
 # language_model}, lm_head at the top).
@@ -20,6 +23,17 @@ KEY_PREFIXES = (
     ("projector.2.", "model.multi_modal_projector.linear_2."),
     ("language_model.model.", "model.language_model."),
     ("language_model.lm_head.", "lm_head."),
+)
+# transformers' key prefix -> ours: the names of a loaded model (4.55 and 5.x alike) and the
+# older top-level names both lines still write to files (vision_tower., language_model.model.).
+# The tower's own names follow as they are: nested under vision_model. (4.x) or flat (5.x);
+# compat.native_state_dict settles them for the installed line.
+INVERSE_KEY_PREFIXES = tuple((theirs, ours) for ours, theirs in KEY_PREFIXES) + (
+    ("vision_tower.", "vision_tower.vision_model."),
+    ("multi_modal_projector.linear_1.", "projector.0."),
+    ("multi_modal_projector.linear_2.", "projector.2."),
+    ("language_model.model.", "language_model.model."),
+    ("language_model.lm_head.", "language_model.lm_head."),
 )
 
 
@@ -68,6 +82,99 @@ def hf_llava_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.
         else:
             raise KeyError(f"No transformers Llava name for parameter {key!r}")
     return renamed
+
+
+def llava_state_dict(hf_state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' Llava keys (either layout) -> ours; every key must map."""
+    renamed = {}
+    for key, value in hf_state_dict.items():
+        for theirs, ours in INVERSE_KEY_PREFIXES:
+            if key.startswith(theirs):
+                renamed[ours + key[len(theirs) :]] = value
+                break
+        else:
+            raise KeyError(f"No LlavaForCausalLM name for the Llava parameter {key!r}")
+    return renamed
+
+
+# Llava's vision_feature_select_strategy -> our mm_vision_select_feature, for a tower with a
+# CLS token: "default" drops the first token, "full" keeps all.
+SELECT_FEATURE_OF_STRATEGY = {"default": "patch", "full": "cls_patch"}
+
+
+def unmapped_settings(hf_config: HFLlavaConfig) -> list[str]:
+    """What in a transformers Llava config has no equivalent in LlavaForCausalLM."""
+    problems = []
+    vision_type = hf_config.vision_config.model_type
+    if vision_type not in HF_MODEL_TYPES:
+        problems.append(f"vision tower of model_type {vision_type!r} (only CLIP or SigLIP map)")
+    layer = hf_config.vision_feature_layer
+    if not isinstance(layer, int):
+        problems.append(
+            f"vision_feature_layer {layer!r} (features of several layers concatenated; "
+            "mm_vision_select_layer is one layer)"
+        )
+    strategy = hf_config.vision_feature_select_strategy
+    if strategy not in SELECT_FEATURE_OF_STRATEGY:
+        problems.append(f"vision_feature_select_strategy {strategy!r}")
+    elif strategy == "default" and HF_MODEL_TYPES.get(vision_type) == "siglip":
+        problems.append("vision_feature_select_strategy 'default' on SigLIP (drops a patch)")
+    if hf_config.projector_hidden_act != "gelu":
+        problems.append(f"projector_hidden_act {hf_config.projector_hidden_act!r} (not gelu)")
+    if not getattr(hf_config, "multimodal_projector_bias", True):
+        problems.append("a projector without biases")
+    return problems
+
+
+def llava_config(
+    hf_config: HFLlavaConfig, image_processor: Any, source: str | None = None
+) -> LlavaConfig:
+    """Our config of a transformers Llava config (the inverse of `hf_llava_config`).
+
+    `image_processor` is the checkpoint's own; `source` (the folder) is recorded as the tower's
+    origin. A setting with no equivalent here is a ValueError that names it.
+    """
+    problems = unmapped_settings(hf_config)
+    if problems:
+        raise ValueError(
+            "This LlavaForConditionalGeneration config does not map onto LlavaForCausalLM: "
+            + "; ".join(problems)
+        )
+    vision_config = hf_config.vision_config
+    tower_type = HF_MODEL_TYPES[vision_config.model_type]
+    select_feature = "patch"  # SigLIP's "full": all tokens are patches
+    if HF_TOWERS[tower_type].has_cls_token:
+        select_feature = SELECT_FEATURE_OF_STRATEGY[hf_config.vision_feature_select_strategy]
+    num_patches = (vision_config.image_size // vision_config.patch_size) ** 2
+    return LlavaConfig(
+        text_config=hf_config.text_config,
+        vision_tower_config={
+            "tower_type": tower_type,
+            "vision_config": vision_config.to_dict(),
+            "image_processor": image_processor.to_dict(),
+        },
+        mm_vision_tower=source,
+        mm_vision_select_layer=hf_config.vision_feature_layer,
+        mm_vision_select_feature=select_feature,
+        mm_projector_type="mlp2x_gelu",
+        mm_hidden_size=vision_config.hidden_size,
+        num_image_tokens=num_patches + int(select_feature == "cls_patch"),
+        tie_word_embeddings=hf_config.text_config.tie_word_embeddings,
+    )
+
+
+def check_projector_shapes(projector: torch.nn.Module, hf_config: HFLlavaConfig) -> None:
+    """The two linears of Llava's projector have the shapes of our mlp2x_gelu."""
+    vision, text = hf_config.vision_config.hidden_size, hf_config.text_config.hidden_size
+    expected = {"linear_1": (text, vision), "linear_2": (text, text)}
+    for name, shape in expected.items():
+        layer = getattr(projector, name, None)
+        found = getattr(getattr(layer, "weight", None), "shape", None)
+        if found is None or tuple(found) != shape:
+            raise ValueError(
+                f"The Llava projector's {name} has weight shape {found}; LlavaForCausalLM's "
+                f"mlp2x_gelu needs {shape} (text hidden size x vision hidden size)"
+            )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@ parts by role (vision, connector, language model, head) for stage plans, LoRA an
 
 A kind is one entry in `MODEL_KINDS`; training code asks for parts by role and never for
 attribute names, so a second kind (transformers' image-text-to-text models, say) is a new entry
-here plus its tests. The composed `LlavaForCausalLM` is the one kind so far.
+here plus its tests. The composed `LlavaForCausalLM` is the one kind so far; checkpoints other
+programs write (transformers' llava-hf folders) are recognised here and open as it.
 """
 
 from __future__ import annotations
@@ -130,6 +131,30 @@ def recognise_checkpoint(folder: str) -> ModelKind | None:
     """The kind of the checkpoint in `folder`, from its config.json (never its name)."""
     config = saved_config(folder)
     return None if config is None else kind_for_config(config)
+
+
+# Checkpoints written by other programs that open as a kind here: name -> recognition from
+# config.json (builder.IMPORTERS holds their loaders).
+HF_LLAVA = "llava-hf"
+
+
+def is_hf_llava_config(config: dict[str, Any]) -> bool:
+    """transformers' LlavaForConditionalGeneration (llava-hf). The original LLaVA repo's
+    checkpoints also say model_type 'llava', but with LlavaLlamaForCausalLM: not these."""
+    architectures = config.get("architectures") or ()
+    return config.get("model_type") == "llava" and "LlavaForConditionalGeneration" in architectures
+
+
+IMPORTED_FORMATS = {HF_LLAVA: is_hf_llava_config}
+
+
+def recognise_import(folder: str) -> str | None:
+    """The name of the foreign format of the checkpoint in `folder` (from its config.json,
+    never its name), None for a checkpoint of this project or an unknown one."""
+    config = saved_config(folder)
+    if config is None:
+        return None
+    return next((name for name, test in IMPORTED_FORMATS.items() if test(config)), None)
 
 
 def parts_by_role(model: nn.Module) -> dict[str, nn.Module]:
