@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from transformers import (
     AutoTokenizer,
@@ -20,6 +21,7 @@ from transformers import (
 
 from llava.compat import native_state_dict, save_processor
 from llava.constants import IMAGE_PLACEHOLDER_ID, IMAGE_TOKEN
+from llava.data.images import process_images
 from llava.export_hf import export
 from llava.model.builder import build_llava_model, load_hf_llava, load_pretrained_model
 from llava.model.hf_llava import hf_llava_state_dict, llava_config, llava_state_dict
@@ -116,6 +118,12 @@ def test_a_llava_hf_checkpoint_gives_transformers_logits(tower, settings, tmp_pa
         their_logits = theirs(**batch).logits
         our_logits = loaded.model(input_ids=ours_ids, pixel_values=our_pixels).logits
     torch.testing.assert_close(our_logits, their_logits, rtol=1e-5, atol=1e-5)
+    # A wide image is prepared as transformers' processor prepares it (cropped, not padded).
+    wide = (torch.rand(TINY_IMAGE_SIZE, 2 * TINY_IMAGE_SIZE, 3) * 255).to(torch.uint8).numpy()
+    aspect = loaded.model.config.image_aspect_ratio
+    ours_wide = process_images([Image.fromarray(wide)], loaded.image_processor, aspect)
+    theirs_wide = processor(images=wide, text="<image>", return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(ours_wide, theirs_wide)
 
 
 def test_export_import_export_is_exact(tmp_path):

@@ -160,6 +160,8 @@ def llava_config(
         mm_hidden_size=vision_config.hidden_size,
         num_image_tokens=num_patches + int(select_feature == "cls_patch"),
         tie_word_embeddings=hf_config.text_config.tie_word_embeddings,
+        # transformers' processor resizes and crops, it does not pad: answer as it prepares.
+        image_aspect_ratio="square",
     )
 
 
