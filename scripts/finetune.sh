@@ -11,15 +11,23 @@ cd "$(dirname "$0")/.."
 source scripts/launch.sh
 
 MODEL_NAME_OR_PATH=${MODEL_NAME_OR_PATH:-lmsys/vicuna-7b-v1.5}
-VISION_TOWER=${VISION_TOWER:-openai/clip-vit-large-patch14-336}
+VISION_TOWER=${VISION_TOWER-openai/clip-vit-large-patch14-336}
 DATA_PATH=${DATA_PATH:-finetuning_data/llava_v1_5_mix665k.json}
 IMAGE_FOLDER=${IMAGE_FOLDER:-finetuning_data/images}
-PRETRAIN_MM_MLP_ADAPTER=${PRETRAIN_MM_MLP_ADAPTER:-checkpoints/llava-v1.5-7b-pretrain/mm_projector.bin}
+PRETRAIN_MM_MLP_ADAPTER=${PRETRAIN_MM_MLP_ADAPTER-checkpoints/llava-v1.5-7b-pretrain/mm_projector.bin}
 OUTPUT_DIR=${OUTPUT_DIR:-checkpoints/llava-v1.5-7b}
 NUM_GPUS=${NUM_GPUS:-8}
 DEEPSPEED_CONFIG=${DEEPSPEED_CONFIG:-scripts/zero3${ZERO_SUFFIX}.json}
 PER_DEVICE_BATCH=${PER_DEVICE_BATCH:-16}  # 8 GPUs x 16 = 128
 GRAD_ACCUM=${GRAD_ACCUM:-1}
+
+# Set empty to leave a flag out: VISION_TOWER= PRETRAIN_MM_MLP_ADAPTER= when MODEL_NAME_OR_PATH
+# names a complete vision-language model (a llava-hf folder), which brings its own tower.
+optional_flags=()
+if [ -n "$VISION_TOWER" ]; then optional_flags+=(--vision_tower "$VISION_TOWER"); fi
+if [ -n "$PRETRAIN_MM_MLP_ADAPTER" ]; then
+    optional_flags+=(--pretrain_mm_mlp_adapter "$PRETRAIN_MM_MLP_ADAPTER")
+fi
 
 launch_training \
     --deepspeed "$DEEPSPEED_CONFIG" \
@@ -27,8 +35,7 @@ launch_training \
     --version v1 \
     --data_path "$DATA_PATH" \
     --image_folder "$IMAGE_FOLDER" \
-    --vision_tower "$VISION_TOWER" \
-    --pretrain_mm_mlp_adapter "$PRETRAIN_MM_MLP_ADAPTER" \
+    "${optional_flags[@]}" \
     --mm_projector_type mlp2x_gelu \
     --mm_vision_select_layer -2 \
     --mm_use_im_start_end False \

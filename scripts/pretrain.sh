@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 source scripts/launch.sh
 
 MODEL_NAME_OR_PATH=${MODEL_NAME_OR_PATH:-lmsys/vicuna-7b-v1.5}
-VISION_TOWER=${VISION_TOWER:-openai/clip-vit-large-patch14-336}
+VISION_TOWER=${VISION_TOWER-openai/clip-vit-large-patch14-336}
 DATA_PATH=${DATA_PATH:-pretraining_data/blip_laion_cc_sbu_558k.json}
 IMAGE_FOLDER=${IMAGE_FOLDER:-pretraining_data/images}
 OUTPUT_DIR=${OUTPUT_DIR:-checkpoints/llava-v1.5-7b-pretrain}
@@ -20,13 +20,18 @@ DEEPSPEED_CONFIG=${DEEPSPEED_CONFIG:-scripts/zero2${ZERO_SUFFIX}.json}
 PER_DEVICE_BATCH=${PER_DEVICE_BATCH:-32}  # 8 GPUs x 32 = 256
 GRAD_ACCUM=${GRAD_ACCUM:-1}
 
+# Set empty to leave a flag out: VISION_TOWER= PRETRAIN_MM_MLP_ADAPTER= when MODEL_NAME_OR_PATH
+# names a complete vision-language model (a llava-hf folder), which brings its own tower.
+optional_flags=()
+if [ -n "$VISION_TOWER" ]; then optional_flags+=(--vision_tower "$VISION_TOWER"); fi
+
 launch_training \
     --deepspeed "$DEEPSPEED_CONFIG" \
     --model_name_or_path "$MODEL_NAME_OR_PATH" \
     --version plain \
     --data_path "$DATA_PATH" \
     --image_folder "$IMAGE_FOLDER" \
-    --vision_tower "$VISION_TOWER" \
+    "${optional_flags[@]}" \
     --mm_projector_type mlp2x_gelu \
     --tune_mm_mlp_adapter True \
     --mm_vision_select_layer -2 \

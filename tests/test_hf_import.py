@@ -27,6 +27,8 @@ from llava.model.builder import build_llava_model, load_hf_llava, load_pretraine
 from llava.model.hf_llava import hf_llava_state_dict, llava_config, llava_state_dict
 from llava.model.kinds import HF_LLAVA, recognise_checkpoint, recognise_import
 from llava.model.llava import LlavaForCausalLM
+from llava.train.arguments import parse_arguments
+from llava.train.train import train
 from tests.fixtures.checkpoints import perturb
 from tests.fixtures.models import (
     TEXT_SIZES,
@@ -186,3 +188,59 @@ def test_weight_names_map_back_from_a_loaded_model_and_from_files(tmp_path):
     assert set(native_state_dict(ours, llava_state_dict(saved))) == set(ours.state_dict())
     with pytest.raises(KeyError, match="'image_newline'"):
         llava_state_dict({"image_newline": torch.zeros(1)})
+
+
+def hf_training_flags(assets, hf_folder: str, output_dir, *extra: str) -> list[str]:
+    """A short CPU stage-2 LoRA run over a llava-hf folder (no --vision_tower)."""
+    return [
+        "--model_name_or_path", hf_folder,
+        "--version", "v1",
+        "--data_path", assets["finetune"],
+        "--image_folder", assets["image_folder"],
+        "--mm_projector_type", "mlp2x_gelu",
+        "--mm_vision_select_layer", "-2",
+        "--lora_enable", "True",
+        "--lora_r", "4",
+        "--lora_alpha", "8",
+        "--output_dir", str(output_dir),
+        "--per_device_train_batch_size", "4",
+        "--max_steps", "3",
+        "--learning_rate", "1e-2",
+        "--logging_steps", "1",
+        "--save_strategy", "no",
+        "--report_to", "none",
+        "--disable_tqdm", "True",
+        "--use_cpu", "True",
+        *extra,
+    ]  # fmt: skip
+
+
+def test_lora_trains_from_a_llava_hf_folder_and_reloads_over_it(training_assets, tmp_path):
+    hf_folder = str(tmp_path / "base")
+    save_tiny_hf_llava(hf_folder, "clip", vision_feature_layer=-2)
+    output = tmp_path / "lora"
+    trainer = train(*parse_arguments(hf_training_flags(training_assets, hf_folder, output)))
+    assert trainer.state.global_step == 3
+    # The projector and the adapters trained over the llava-hf model's own tower and LLM.
+    loaded = load_pretrained_model(str(output), model_base=hf_folder).model
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+    batch.pop("labels")
+    trainer.model.eval()
+    with torch.no_grad():
+        expected = trainer.model(**batch).logits
+        actual = loaded(**batch).logits
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    base = load_pretrained_model(hf_folder).model
+    assert not torch.equal(base.projector[0].weight, loaded.projector[0].weight)
+
+
+def test_a_vision_tower_beside_a_complete_model_is_refused(training_assets, tmp_path):
+    hf_folder = str(tmp_path / "base")
+    save_tiny_hf_llava(hf_folder, "clip", vision_feature_layer=-2)
+    flags = hf_training_flags(
+        training_assets, hf_folder, tmp_path / "out", "--vision_tower", training_assets["clip"]
+    )
+    with pytest.raises(
+        ValueError, match="complete vision-language model .*leave out --vision_tower"
+    ):
+        train(*parse_arguments(flags))

@@ -265,6 +265,9 @@ def base_with_saved_config(
             f"{model_path!r} holds only part of a model; pass --model-base with the language "
             "model it was trained from"
         )
+    imported = recognise_import(model_base)
+    if imported is not None:  # a complete VLM (llava-hf): its own tower, projector replaced later
+        return IMPORTERS[imported](model_base, torch_dtype, **language_model_kwargs)[0]
     config = LlavaConfig.from_pretrained(model_path)
     tower = vision_tower or config.mm_vision_tower
     if not tower.startswith("open_clip:") and not os.path.exists(tower) and os.path.isabs(tower):
@@ -400,6 +403,26 @@ def load_hf_llava(
 
 # Loaders of the checkpoints other programs write (kinds.IMPORTED_FORMATS recognises them).
 IMPORTERS = {HF_LLAVA: load_hf_llava}
+
+
+def open_complete_model(
+    model_name_or_path: str,
+    vision_tower: str | None,
+    torch_dtype: torch.dtype | None = None,
+    **model_kwargs: Any,
+) -> LlavaForCausalLM | None:
+    """The model training starts from when --model_name_or_path names a complete
+    vision-language model another program wrote (recognised from its config.json); None when it
+    names a language model to compose with --vision_tower."""
+    imported = recognise_import(model_name_or_path)
+    if imported is None:
+        return None
+    if vision_tower:
+        raise ValueError(
+            f"--model_name_or_path {model_name_or_path} is a complete vision-language model "
+            f"({imported}) with its own vision tower: leave out --vision_tower {vision_tower}"
+        )
+    return IMPORTERS[imported](model_name_or_path, torch_dtype, **model_kwargs)[0]
 
 
 def merge_lora_checkpoint(model: LlavaForCausalLM, model_path: str) -> LlavaForCausalLM:

@@ -12,7 +12,7 @@ import torch
 import transformers
 
 from llava.constants import IMAGE_END_TOKEN, IMAGE_START_TOKEN
-from llava.model.builder import build_llava_model, load_tokenizer
+from llava.model.builder import build_llava_model, load_tokenizer, open_complete_model
 from llava.model.llava import PACKED_SDPA, LlavaForCausalLM, register_packed_attention
 from llava.train.arguments import (
     DataArguments,
@@ -46,10 +46,7 @@ def compute_dtype(args: TrainingArguments) -> torch.dtype:
 
 
 def build_model(model_args: ModelArguments, args: TrainingArguments) -> LlavaForCausalLM:
-    if model_args.vision_tower is None:
-        raise ValueError(
-            "--vision_tower is required (an HF CLIP/SigLIP checkpoint or open_clip:...)"
-        )
+    """Compose the LLM and --vision_tower, or open the complete VLM --model_name_or_path names."""
     dtype = compute_dtype(args)
     quantization = quantization_config(args.bits, args.double_quant, args.quant_type, dtype)
     language_model_kwargs = {"cache_dir": args.cache_dir}
@@ -57,6 +54,21 @@ def build_model(model_args: ModelArguments, args: TrainingArguments) -> LlavaFor
         language_model_kwargs["quantization_config"] = quantization
     if args.attn_implementation == PACKED_SDPA:
         register_packed_attention()
+    model = open_complete_model(
+        model_args.model_name_or_path,
+        model_args.vision_tower,
+        dtype,
+        attn_implementation=args.attn_implementation,
+        **language_model_kwargs,
+    )
+    if model is not None:
+        warn_of_flags_the_model_overrides(model, model_args)
+        return finish_model(model, args, quantization)
+    if model_args.vision_tower is None:
+        raise ValueError(
+            "--vision_tower is required (an HF CLIP/SigLIP checkpoint or open_clip:...), unless "
+            "--model_name_or_path names a complete vision-language model"
+        )
     model = build_llava_model(
         model_args.model_name_or_path,
         model_args.vision_tower,
@@ -68,6 +80,13 @@ def build_model(model_args: ModelArguments, args: TrainingArguments) -> LlavaFor
         attn_implementation=args.attn_implementation,
         language_model_kwargs=language_model_kwargs,
     )
+    return finish_model(model, args, quantization)
+
+
+def finish_model(
+    model: LlavaForCausalLM, args: TrainingArguments, quantization
+) -> LlavaForCausalLM:
+    """No KV cache in training; k-bit preparation for QLoRA."""
     model.config.use_cache = False
     model.language_model.config.use_cache = False
     if quantization is not None:
@@ -77,6 +96,24 @@ def build_model(model_args: ModelArguments, args: TrainingArguments) -> LlavaFor
             model, use_gradient_checkpointing=args.gradient_checkpointing
         )
     return model
+
+
+# Flags that describe a composed model; a complete one brings its own values.
+MODEL_SHAPE_FLAGS = ("mm_projector_type", "mm_vision_select_layer", "mm_vision_select_feature")
+
+
+def warn_of_flags_the_model_overrides(model: LlavaForCausalLM, model_args: ModelArguments) -> None:
+    differences = [
+        f"--{name} {getattr(model_args, name)!r} (the model's: {getattr(model.config, name)!r})"
+        for name in MODEL_SHAPE_FLAGS
+        if getattr(model_args, name) != getattr(model.config, name)
+    ]
+    if differences:
+        logger.warning(
+            "%s is a complete model; its own settings stand over %s",
+            model_args.model_name_or_path,
+            ", ".join(differences),
+        )
 
 
 def add_image_marker_tokens(model: LlavaForCausalLM, tokenizer) -> None:
