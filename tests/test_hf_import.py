@@ -37,7 +37,9 @@ from tests.fixtures.models import (
     save_tiny_clip,
     save_tiny_llm,
 )
+from tests.fixtures.script_runs import common_flags
 from tests.fixtures.tokenizers import SP_CHAT_TEMPLATE, save_sentencepiece_llama_tokenizer
+from tests.fixtures.training import logged_losses, run_script
 
 VISION_CONFIGS = {
     "clip": dict(model_type="clip_vision_model", image_size=TINY_IMAGE_SIZE, patch_size=8),
@@ -244,3 +246,29 @@ def test_a_vision_tower_beside_a_complete_model_is_refused(training_assets, tmp_
         ValueError, match="complete vision-language model .*leave out --vision_tower"
     ):
         train(*parse_arguments(flags))
+
+
+@pytest.mark.slow
+def test_finetune_lora_script_under_zero3_from_a_llava_hf_folder(training_assets, tmp_path):
+    """VISION_TOWER= and PRETRAIN_MM_MLP_ADAPTER= leave those flags out; ZeRO-3 partitions the
+    imported model's weights as it loads them."""
+    hf_folder = str(tmp_path / "base")
+    save_tiny_hf_llava(hf_folder, "clip", vision_feature_layer=-2)
+    output = str(tmp_path / "lora")
+    env = {
+        "MODEL_NAME_OR_PATH": hf_folder,
+        "VISION_TOWER": "",
+        "PRETRAIN_MM_MLP_ADAPTER": "",
+        "DATA_PATH": training_assets["finetune"],
+        "IMAGE_FOLDER": training_assets["image_folder"],
+        "OUTPUT_DIR": output,
+        "NUM_GPUS": "2",
+        "PER_DEVICE_BATCH": "2",
+    }
+    run_script("finetune_lora.sh", env, *common_flags("lora"), log=output + ".log")
+    losses = logged_losses(output)
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+    assert losses[6] < losses[1] - 0.05, losses
+    loaded = load_pretrained_model(output, model_base=hf_folder).model
+    base = load_pretrained_model(hf_folder).model
+    assert not torch.equal(base.projector[0].weight, loaded.projector[0].weight)

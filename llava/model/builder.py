@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import (
+    MODEL_FOR_CAUSAL_LM_MAPPING,
     AutoModelForCausalLM,
     AutoTokenizer,
     LlavaForConditionalGeneration,
@@ -384,21 +386,38 @@ def load_hf_llava(
         config.mm_vision_select_layer,
         config.mm_vision_select_feature,
     )
-    with torch.device("meta"):  # only a shell: its decoder and head are replaced below
-        language_model = AutoModelForCausalLM.from_config(config.text_config)
+    # Only a shell: its decoder and head are replaced below. Built by its class, not
+    # from_config, which under ZeRO-3 would partition and initialise it.
+    causal_lm_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config.text_config)]
+    with torch.device("meta"):
+        language_model = causal_lm_class(config.text_config)
     setattr(language_model, language_model.base_model_prefix, parts.language_model)
     language_model.set_output_embeddings(hf_model.get_output_embeddings())
     language_model.generation_config = hf_model.generation_config
     model = LlavaForCausalLM(config, vision_tower=tower, language_model=language_model)
     weights = native_state_dict(model, llava_state_dict(hf_model.state_dict()))
-    projector = {
-        k[len("projector.") :]: v for k, v in weights.items() if k.startswith("projector.")
-    }
-    model.projector.load_state_dict(projector, assign=True)
+    model.projector.load_state_dict(projector_state_of(parts.multi_modal_projector))
     left_out = set(weights) ^ set(model.state_dict())
     if left_out or any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
         raise RuntimeError(f"{folder}: weights that did not carry over: {sorted(left_out)[:5]}")
     return model, processor
+
+
+def projector_state_of(projector: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """transformers' Llava projector (linear_1, GELU, linear_2) as our mlp2x_gelu's state dict
+    (0, 2), gathered first when ZeRO-3 has partitioned it (a collective: every rank calls it)."""
+    parameters = list(projector.parameters())
+    partitioned = [p for p in parameters if hasattr(p, "ds_id")]
+    gather = contextlib.nullcontext()
+    if partitioned:
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(partitioned)
+    with gather:
+        return {
+            key.replace("linear_1.", "0.").replace("linear_2.", "2."): value.detach().clone()
+            for key, value in projector.state_dict().items()
+        }
 
 
 # Loaders of the checkpoints other programs write (kinds.IMPORTED_FORMATS recognises them).

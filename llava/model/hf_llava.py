@@ -170,8 +170,9 @@ def check_projector_shapes(projector: torch.nn.Module, hf_config: HFLlavaConfig)
     vision, text = hf_config.vision_config.hidden_size, hf_config.text_config.hidden_size
     expected = {"linear_1": (text, vision), "linear_2": (text, text)}
     for name, shape in expected.items():
-        layer = getattr(projector, name, None)
-        found = getattr(getattr(layer, "weight", None), "shape", None)
+        weight = getattr(getattr(projector, name, None), "weight", None)
+        # Under ZeRO-3 a parameter is partitioned (empty here); ds_shape is its full shape.
+        found = getattr(weight, "ds_shape", getattr(weight, "shape", None))
         if found is None or tuple(found) != shape:
             raise ValueError(
                 f"The Llava projector's {name} has weight shape {found}; LlavaForCausalLM's "
