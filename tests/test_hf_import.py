@@ -22,6 +22,7 @@ from transformers import (
 from llava.compat import native_state_dict, save_processor
 from llava.constants import IMAGE_PLACEHOLDER_ID, IMAGE_TOKEN
 from llava.data.images import process_images
+from llava.data.preview import main as preview_main
 from llava.export_hf import export
 from llava.model.builder import build_llava_model, load_hf_llava, load_pretrained_model
 from llava.model.hf_llava import hf_llava_state_dict, llava_config, llava_state_dict
@@ -272,3 +273,15 @@ def test_finetune_lora_script_under_zero3_from_a_llava_hf_folder(training_assets
     loaded = load_pretrained_model(output, model_base=hf_folder).model
     base = load_pretrained_model(hf_folder).model
     assert not torch.equal(base.projector[0].weight, loaded.projector[0].weight)
+
+
+def test_preview_takes_a_llava_hf_folder_s_image_settings(training_assets, tmp_path, capsys):
+    hf_folder = str(tmp_path / "base")
+    save_tiny_hf_llava(hf_folder, "clip", vision_feature_layer=-2)
+    model = load_pretrained_model(hf_folder).model
+    argv = ["--data_path", training_assets["finetune"], "--model_name_or_path", hf_folder]
+    argv += ["--image_folder", training_assets["image_folder"], "--json", "--num", "1"]
+    assert preview_main(argv) == 0
+    sample = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert sample["input_ids"].count(IMAGE_PLACEHOLDER_ID) == model.num_image_tokens
+    assert sample["pixel_values_shape"] == [1, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE]

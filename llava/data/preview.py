@@ -27,7 +27,11 @@ SUPERVISED_OPEN, SUPERVISED_CLOSE = "⟦", "⟧"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data_path", required=True)
-    parser.add_argument("--model_name_or_path", required=True, help="Where the tokenizer is.")
+    parser.add_argument(
+        "--model_name_or_path",
+        required=True,
+        help="Where the tokenizer is; a complete VLM folder (llava-hf) brings its image settings.",
+    )
     parser.add_argument(
         "--version", default="v1", choices=list(TEMPLATES), help="Chat template, as in training."
     )
@@ -49,7 +53,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def image_processor_and_tokens(args: argparse.Namespace) -> tuple[Any, int]:
-    """(processor, num_image_tokens) from --vision_tower, or --num_image_tokens alone."""
+    """(processor, num_image_tokens) from --vision_tower, from the complete VLM that
+    --model_name_or_path names (llava-hf), or --num_image_tokens alone."""
+    if not args.vision_tower and not args.num_image_tokens:
+        from llava.model.builder import describe_complete_model
+
+        described = describe_complete_model(args.model_name_or_path)
+        if described is not None:
+            return described
     if args.vision_tower:
         from llava.model.builder import load_vision_tower_processor
 

@@ -420,8 +420,25 @@ def projector_state_of(projector: torch.nn.Module) -> dict[str, torch.Tensor]:
         }
 
 
-# Loaders of the checkpoints other programs write (kinds.IMPORTED_FORMATS recognises them).
+def describe_hf_llava(folder: str) -> tuple[Any, int]:
+    """(image processor, num_image_tokens) of a llava-hf folder, from its configs alone."""
+    hf_config = HFLlavaConfig.from_pretrained(folder)
+    processor = LlavaProcessor.from_pretrained(folder)
+    config = llava_config(hf_config, processor.image_processor, source=folder)
+    return processor.image_processor, config.num_image_tokens
+
+
+# Loaders of the checkpoints other programs write (kinds.IMPORTED_FORMATS recognises them),
+# and what their data pipeline needs to know without loading weights.
 IMPORTERS = {HF_LLAVA: load_hf_llava}
+DESCRIBERS = {HF_LLAVA: describe_hf_llava}
+
+
+def describe_complete_model(model_name_or_path: str) -> tuple[Any, int] | None:
+    """(image processor, num_image_tokens) when `model_name_or_path` is a complete VLM another
+    program wrote; None when it is a language model (to compose with a tower)."""
+    imported = recognise_import(model_name_or_path)
+    return None if imported is None else DESCRIBERS[imported](model_name_or_path)
 
 
 def open_complete_model(
