@@ -40,6 +40,7 @@ from llava.model.kinds import (
     recognise_checkpoint,
     recognise_import,
     saved_config,
+    unsupported_vision_language_model,
 )
 from llava.model.llava import LlavaForCausalLM
 from llava.model.vision_tower import (
@@ -451,6 +452,14 @@ def open_complete_model(
     vision-language model another program wrote (recognised from its config.json); None when it
     names a language model to compose with --vision_tower."""
     imported = recognise_import(model_name_or_path)
+    unsupported = unsupported_vision_language_model(model_name_or_path)
+    if unsupported is not None:
+        raise ValueError(
+            f"--model_name_or_path {model_name_or_path} is a {unsupported} (a transformers "
+            "vision-language model); training starts from a causal LM with --vision_tower, or "
+            "from a llava-hf LlavaForConditionalGeneration folder. Other families are not "
+            "supported yet"
+        )
     if imported is None:
         return None
     if vision_tower:

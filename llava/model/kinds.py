@@ -157,6 +157,19 @@ def recognise_import(folder: str) -> str | None:
     return next((name for name, test in IMPORTED_FORMATS.items() if test(config)), None)
 
 
+def unsupported_vision_language_model(folder: str) -> str | None:
+    """The architecture of a transformers image-text-to-text checkpoint in `folder` that no
+    kind or importer here takes (None for anything else), read from its config.json."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    config = saved_config(folder)
+    if config is None or recognise_import(folder) is not None:
+        return None
+    vision_language = set(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.values())
+    found = [name for name in config.get("architectures") or [] if name in vision_language]
+    return found[0] if found else None
+
+
 def parts_by_role(model: nn.Module) -> dict[str, nn.Module]:
     """The (un-wrapped) model's parts by role."""
     base = unwrap_base(model)
