@@ -40,7 +40,12 @@ from tests.fixtures.models import (
 )
 from tests.fixtures.script_runs import common_flags
 from tests.fixtures.tokenizers import SP_CHAT_TEMPLATE, save_sentencepiece_llama_tokenizer
-from tests.fixtures.training import logged_losses, run_script
+from tests.fixtures.training import (
+    logged_losses,
+    logits_on_training_batch,
+    run_script,
+    short_run_flags,
+)
 
 VISION_CONFIGS = {
     "clip": dict(model_type="clip_vision_model", image_size=TINY_IMAGE_SIZE, patch_size=8),
@@ -195,27 +200,9 @@ def test_weight_names_map_back_from_a_loaded_model_and_from_files(tmp_path):
 
 def hf_training_flags(assets, hf_folder: str, output_dir, *extra: str) -> list[str]:
     """A short CPU stage-2 LoRA run over a llava-hf folder (no --vision_tower)."""
-    return [
-        "--model_name_or_path", hf_folder,
-        "--version", "v1",
-        "--data_path", assets["finetune"],
-        "--image_folder", assets["image_folder"],
-        "--mm_projector_type", "mlp2x_gelu",
-        "--mm_vision_select_layer", "-2",
-        "--lora_enable", "True",
-        "--lora_r", "4",
-        "--lora_alpha", "8",
-        "--output_dir", str(output_dir),
-        "--per_device_train_batch_size", "4",
-        "--max_steps", "3",
-        "--learning_rate", "1e-2",
-        "--logging_steps", "1",
-        "--save_strategy", "no",
-        "--report_to", "none",
-        "--disable_tqdm", "True",
-        "--use_cpu", "True",
-        *extra,
-    ]  # fmt: skip
+    lora = ["--version", "v1", "--data_path", assets["finetune"], "--lora_enable", "True"]
+    lora += ["--lora_r", "4", "--lora_alpha", "8"]
+    return ["--model_name_or_path", hf_folder, *short_run_flags(assets, output_dir, *lora, *extra)]
 
 
 def test_lora_trains_from_a_llava_hf_folder_and_reloads_over_it(training_assets, tmp_path):
@@ -226,12 +213,7 @@ def test_lora_trains_from_a_llava_hf_folder_and_reloads_over_it(training_assets,
     assert trainer.state.global_step == 3
     # The projector and the adapters trained over the llava-hf model's own tower and LLM.
     loaded = load_pretrained_model(str(output), model_base=hf_folder).model
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
-    batch.pop("labels")
-    trainer.model.eval()
-    with torch.no_grad():
-        expected = trainer.model(**batch).logits
-        actual = loaded(**batch).logits
+    expected, actual = logits_on_training_batch(trainer, loaded)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
     base = load_pretrained_model(hf_folder).model
     assert not torch.equal(base.projector[0].weight, loaded.projector[0].weight)

@@ -18,7 +18,7 @@ from llava.train.arguments import parse_arguments
 from llava.train.evaluation import PaddedShard
 from llava.train.stages import ADAPTERS, plan_stage, saved_stage_plan
 from llava.train.train import build_model, train
-from tests.fixtures.training import STAGE_ONE_FILES, training_flags
+from tests.fixtures.training import STAGE_ONE_FILES, logits_on_training_batch, training_flags
 
 
 def state_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -67,12 +67,7 @@ def test_lora_checkpoint_reloads_into_the_same_outputs(training_assets, tmp_path
     loaded = load_pretrained_model(
         str(tmp_path / "checkpoint-3"), model_base=training_assets["llm"]
     ).model
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
-    batch.pop("labels")
-    trainer.model.eval()
-    with torch.no_grad():
-        expected = trainer.model(**batch).logits
-        actual = loaded(**batch).logits
+    expected, actual = logits_on_training_batch(trainer, loaded)
     assert torch.allclose(actual, expected, atol=1e-5)
 
 

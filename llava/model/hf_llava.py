@@ -71,30 +71,29 @@ def hf_llava_config(config: LlavaConfig, image_token_id: int) -> HFLlavaConfig:
     )
 
 
-def hf_llava_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename our keys to transformers' Llava keys; every key must map."""
+def renamed_keys(
+    state_dict: dict[str, torch.Tensor], prefixes: tuple[tuple[str, str], ...], target: str
+) -> dict[str, torch.Tensor]:
+    """Each key with its first matching (old, new) prefix replaced; every key must map."""
     renamed = {}
     for key, value in state_dict.items():
-        for ours, theirs in KEY_PREFIXES:
-            if key.startswith(ours):
-                renamed[theirs + key[len(ours) :]] = value
+        for old, new in prefixes:
+            if key.startswith(old):
+                renamed[new + key[len(old) :]] = value
                 break
         else:
-            raise KeyError(f"No transformers Llava name for parameter {key!r}")
+            raise KeyError(f"No {target} name for the parameter {key!r}")
     return renamed
+
+
+def hf_llava_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename our keys to transformers' Llava keys; every key must map."""
+    return renamed_keys(state_dict, KEY_PREFIXES, "transformers Llava")
 
 
 def llava_state_dict(hf_state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """transformers' Llava keys (either layout) -> ours; every key must map."""
-    renamed = {}
-    for key, value in hf_state_dict.items():
-        for theirs, ours in INVERSE_KEY_PREFIXES:
-            if key.startswith(theirs):
-                renamed[ours + key[len(theirs) :]] = value
-                break
-        else:
-            raise KeyError(f"No LlavaForCausalLM name for the Llava parameter {key!r}")
-    return renamed
+    return renamed_keys(hf_state_dict, INVERSE_KEY_PREFIXES, "LlavaForCausalLM")
 
 
 # Llava's vision_feature_select_strategy -> our mm_vision_select_feature, for a tower with a

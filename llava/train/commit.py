@@ -26,7 +26,7 @@ import re
 import shutil
 from typing import Any
 
-from llava.files import UnreadableFileError, check_readable
+from llava.files import UnreadableFileError, check_readable, read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -229,12 +229,10 @@ def verify_checkpoint(folder: str, weight_files: tuple[tuple[str, ...], ...]) ->
 
 def checkpoint_state(folder: str) -> dict[str, Any]:
     """The checkpoint's trainer_state.json (global_step, max_steps, log_history, ...)."""
-    path = os.path.join(folder, TRAINER_STATE)
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError) as error:
-        raise IncompleteCheckpointError(f"{path} cannot be read: {error}") from None
+        return read_json_object(os.path.join(folder, TRAINER_STATE))
+    except UnreadableFileError as error:
+        raise IncompleteCheckpointError(str(error)) from None
 
 
 # -- the final save -------------------------------------------------------------------------------

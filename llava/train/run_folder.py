@@ -23,6 +23,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from llava.files import read_json_object
+
 LOCK_FILE = "run.lock"
 RUN_FLAGS_FILE = "run_flags.json"
 RUN_COMPLETE_FILE = "run_complete.json"
@@ -197,16 +199,7 @@ def write_json_atomically(path: str, value: Any) -> None:
 
 def read_json_record(path: str) -> dict[str, Any] | None:
     """A record this module wrote (None when absent); an unreadable one is an error naming it."""
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            record = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path} cannot be read: {error}") from None
-    if not isinstance(record, dict):
-        raise ValueError(f"{path} does not hold a JSON object")
-    return record
+    return read_json_object(path) if os.path.exists(path) else None
 
 
 def write_run_flags(folder: str, flags: dict[str, Any]) -> None:
