@@ -175,7 +175,7 @@ def test_stage_one_runs_through_the_real_gaudi_trainer_on_cpu(
         from llava.train.train import build_model, train
         model_args, data_args, args = parse_arguments(json.loads(sys.argv[1]), gaudi=True)
         transformers.set_seed(args.seed)
-        before = build_model(model_args, args).state_dict()
+        before = build_model(model_args, args)[0].state_dict()
         trainer = train(model_args, data_args, args)
         after = trainer.model.state_dict()
         changed = sorted({k.split(".")[0] for k in after if not torch.equal(after[k], before[k])})

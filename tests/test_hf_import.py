@@ -267,14 +267,3 @@ def test_preview_takes_a_llava_hf_folder_s_image_settings(training_assets, tmp_p
     sample = json.loads(capsys.readouterr().out.splitlines()[0])
     assert sample["input_ids"].count(IMAGE_PLACEHOLDER_ID) == model.num_image_tokens
     assert sample["pixel_values_shape"] == [1, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE]
-
-
-def test_another_vision_language_family_is_refused_by_name(training_assets, tmp_path):
-    folder = tmp_path / "smolvlm"  # the folder's name plays no part: its config.json does
-    folder.mkdir()
-    config = {"model_type": "idefics3", "architectures": ["Idefics3ForConditionalGeneration"]}
-    save_sentencepiece_llama_tokenizer(str(folder), legacy=False)
-    (folder / "config.json").write_text(json.dumps(config))
-    flags = hf_training_flags(training_assets, str(folder), tmp_path / "out")
-    with pytest.raises(ValueError, match="is a Idefics3ForConditionalGeneration .*not supported"):
-        train(*parse_arguments(flags))

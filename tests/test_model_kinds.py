@@ -45,10 +45,10 @@ def test_a_saved_composed_checkpoint_is_recognised_from_its_config(model, tmp_pa
 def test_parts_by_role(model):
     kind = kind_of(model)
     assert kind.parts(model) == {
-        VISION: "vision_tower",
-        CONNECTOR: "projector",
-        LANGUAGE_MODEL: "language_model",
-        HEAD: "language_model.lm_head",
+        VISION: ("vision_tower",),
+        CONNECTOR: ("projector",),
+        LANGUAGE_MODEL: ("language_model",),
+        HEAD: ("language_model.lm_head",),
     }
     wrapped = add_lora(model, r=4, alpha=8, dropout=0.0, bias="none")
     assert kind_of(wrapped) is kind

@@ -35,7 +35,7 @@ def test_stage_one_changes_the_projector_and_nothing_else(training_assets, tmp_p
     )  # fmt: skip
     model_args, data_args, args = parse_arguments(flags)
     transformers.set_seed(args.seed)  # as train() does: the same fresh projector
-    before = build_model(model_args, args)
+    before, _ = build_model(model_args, args)
     trainer = train(model_args, data_args, args)
     after = trainer.model
     for part in ("vision_tower", "language_model"):

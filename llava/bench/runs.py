@@ -227,7 +227,7 @@ def build_ours(assets: Assets, config: BenchConfig, stage: str, options: OursOpt
     register_packed_attention()
     model_args, data_args, args = arguments("warmup", 1)
     tokenizer = load_tokenizer(model_args.model_name_or_path, args.model_max_length)
-    model = entry.build_model(model_args, args)
+    model, _ = entry.build_model(model_args, args)
     model, plan = entry.prepare_model(model, model_args, args)
 
     def make_trainer(part: str, steps: int, callbacks: list):

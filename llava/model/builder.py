@@ -32,6 +32,7 @@ from llava.files import (
 )
 from llava.model.config import LlavaConfig
 from llava.model.hf_llava import check_projector_shapes, llava_config, llava_state_dict
+from llava.model.image_text_to_text import image_text_to_text_architecture, structure_parts
 from llava.model.kinds import (
     CONNECTOR,
     HF_LLAVA,
@@ -40,7 +41,6 @@ from llava.model.kinds import (
     recognise_checkpoint,
     recognise_import,
     saved_config,
-    unsupported_vision_language_model,
 )
 from llava.model.llava import LlavaForCausalLM
 from llava.model.vision_tower import (
@@ -442,32 +442,61 @@ def describe_complete_model(model_name_or_path: str) -> tuple[Any, int] | None:
     return None if imported is None else DESCRIBERS[imported](model_name_or_path)
 
 
+def load_image_text_to_text(
+    folder: str, torch_dtype: torch.dtype | None = None, **model_kwargs: Any
+) -> tuple[torch.nn.Module, Any]:
+    """A transformers image-text-to-text checkpoint (Qwen2-VL, Idefics3, Gemma 3, ...) by the
+    class its config.json names, and its processor (tokenizer, image processor, chat template).
+
+    Its parts are found at once, so a model whose structure the adapter cannot read fails here
+    with what is missing (llava/model/image_text_to_text.py)."""
+    import transformers
+    from transformers import AutoProcessor
+
+    architecture = image_text_to_text_architecture(saved_config(folder) or {})
+    model_class = getattr(transformers, architecture)
+    processor = AutoProcessor.from_pretrained(folder)
+    model = model_class.from_pretrained(folder, torch_dtype=torch_dtype, **model_kwargs)
+    structure_parts(model)
+    return model, processor
+
+
+@dataclass(frozen=True)
+class CompleteModel:
+    """A complete vision-language model training starts from; `processor` is its own where
+    its data goes through it (transformers' image-text-to-text kind), None where the data
+    pipeline uses the model's vision tower (the composed kind, llava-hf imported as it)."""
+
+    model: torch.nn.Module
+    processor: Any | None
+
+
 def open_complete_model(
     model_name_or_path: str,
     vision_tower: str | None,
     torch_dtype: torch.dtype | None = None,
     **model_kwargs: Any,
-) -> LlavaForCausalLM | None:
+) -> CompleteModel | None:
     """The model training starts from when --model_name_or_path names a complete
-    vision-language model another program wrote (recognised from its config.json); None when it
-    names a language model to compose with --vision_tower."""
+    vision-language model (recognised from its config.json): a llava-hf folder opens as this
+    project's model, any other transformers image-text-to-text checkpoint as itself. None when
+    it names a language model to compose with --vision_tower."""
     imported = recognise_import(model_name_or_path)
-    unsupported = unsupported_vision_language_model(model_name_or_path)
-    if unsupported is not None:
-        raise ValueError(
-            f"--model_name_or_path {model_name_or_path} is a {unsupported} (a transformers "
-            "vision-language model); training starts from a causal LM with --vision_tower, or "
-            "from a llava-hf LlavaForConditionalGeneration folder. Other families are not "
-            "supported yet"
-        )
-    if imported is None:
+    config = saved_config(model_name_or_path) or {}
+    vision_language = imported is None and image_text_to_text_architecture(config) is not None
+    if imported is None and not vision_language:
         return None
     if vision_tower:
+        described = imported or image_text_to_text_architecture(config)
         raise ValueError(
             f"--model_name_or_path {model_name_or_path} is a complete vision-language model "
-            f"({imported}) with its own vision tower: leave out --vision_tower {vision_tower}"
+            f"({described}) with its own vision tower: leave out --vision_tower {vision_tower}"
         )
-    return IMPORTERS[imported](model_name_or_path, torch_dtype, **model_kwargs)[0]
+    if imported is not None:
+        return CompleteModel(
+            IMPORTERS[imported](model_name_or_path, torch_dtype, **model_kwargs)[0], None
+        )
+    return CompleteModel(*load_image_text_to_text(model_name_or_path, torch_dtype, **model_kwargs))
 
 
 def merge_lora_checkpoint(model: LlavaForCausalLM, model_path: str) -> LlavaForCausalLM:

@@ -17,6 +17,13 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from llava.files import CONFIG_FILE, read_json_object
+from llava.model.image_text_to_text import (
+    gathered_loss,
+    image_text_to_text_architecture,
+    is_image_text_to_text_model,
+    loss_inputs,
+    structure_parts,
+)
 from llava.model.llava import LlavaForCausalLM
 
 # The roles a stage plan assigns a mode to; the head is applied after the language model, so
@@ -32,32 +39,66 @@ def unwrap_base(model: nn.Module) -> nn.Module:
     return get_base() if get_base is not None else model
 
 
-@dataclass(frozen=True)
-class ModelKind:
-    """One way a vision-language model is put together.
+class PartGroup(nn.Module):
+    """Several modules (or bare parameters) of a model that play one role, seen as one module:
+    Qwen3-VL's connector is `visual.merger` and `visual.deepstack_merger_list`, LLaVA-NeXT's
+    has the parameter `image_newline` beside its projector. It only refers to them: the
+    model's own tree is unchanged, and parameters() / requires_grad_() reach them."""
 
-    `model_type`: the config's `model_type`, by which a saved checkpoint is recognised.
-    `model_class`: the class whose `from_pretrained` loads a full checkpoint (in builder.py).
-    `part_names`: role -> module name (dotted, from the model's root); a role left out is the
-    model's output embeddings for HEAD.
+    def __init__(self, members: dict[str, nn.Module | nn.Parameter]):
+        super().__init__()
+        for name, member in members.items():
+            key = name.replace(".", "/")  # a dotted name is not a valid child name
+            if isinstance(member, nn.Parameter):
+                self.register_parameter(key, member)
+            else:
+                self.add_module(key, member)
+
+
+def member(model: nn.Module, name: str) -> nn.Module | nn.Parameter:
+    """The module, or else the parameter, called `name` in the model."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return model.get_parameter(name)
+
+
+class ModelKind:
+    """One way a vision-language model is put together: how a saved checkpoint is recognised
+    (from its config.json), which models are of it, and its parts by role.
+
+    `parts(model)`: role -> the dotted names (from the model's root) of the modules playing it,
+    for every role (a role no module plays has none). `loss_function`: None where the model's
+    forward computes the supervised-only loss itself, else `(outputs, labels,
+    num_items_in_batch) -> loss` over the logits the inputs of `loss_inputs` ask for.
     """
 
-    model_type: str
-    model_class: type[PreTrainedModel]
-    part_names: dict[str, str]
+    name: str
+    loss_function: Any = None
 
     def recognises(self, config: dict[str, Any]) -> bool:
-        return config.get("model_type") == self.model_type
+        raise NotImplementedError
 
-    def parts(self, model: nn.Module) -> dict[str, str]:
-        """Role -> module name in the (un-wrapped) `model`, for every role."""
-        names = dict(self.part_names)
-        if HEAD not in names:
-            names[HEAD] = module_name(model, model.get_output_embeddings())
-        return {role: names[role] for role in ROLES}
+    def owns(self, model: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def parts(self, model: nn.Module) -> dict[str, tuple[str, ...]]:
+        raise NotImplementedError
+
+    def loss_inputs(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The forward's inputs for a training or evaluation loss."""
+        return inputs
 
     def part_modules(self, model: nn.Module) -> dict[str, nn.Module]:
-        return {role: model.get_submodule(name) for role, name in self.parts(model).items()}
+        """Role -> its module (a PartGroup where several or no modules play it)."""
+        modules = {}
+        for role, names in self.parts(model).items():
+            members = {name: member(model, name) for name in names}
+            if len(names) == 1 and isinstance(members[names[0]], nn.Module):
+                modules[role] = members[names[0]]
+            else:
+                modules[role] = PartGroup(members)
+        return modules
 
     def lora_target_names(self, model: nn.Module) -> list[str]:
         """The default LoRA targets: leaf names of the language model's linear layers, the
@@ -72,6 +113,59 @@ class ModelKind:
         return sorted(names)
 
 
+@dataclass(frozen=True)
+class ComposedKind(ModelKind):
+    """A model of this project's own class, its parts at fixed names.
+
+    `model_type`: the config's `model_type`, by which a saved checkpoint is recognised.
+    `model_class`: the class whose `from_pretrained` loads a full checkpoint (in builder.py).
+    `part_names`: role -> module name (dotted, from the model's root); a role left out is the
+    model's output embeddings for HEAD.
+    """
+
+    model_type: str
+    model_class: type[PreTrainedModel]
+    part_names: dict[str, str]
+
+    @property
+    def name(self) -> str:
+        return self.model_type
+
+    def recognises(self, config: dict[str, Any]) -> bool:
+        return config.get("model_type") == self.model_type
+
+    def owns(self, model: nn.Module) -> bool:
+        return isinstance(model, self.model_class)
+
+    def parts(self, model: nn.Module) -> dict[str, tuple[str, ...]]:
+        names = dict(self.part_names)
+        if HEAD not in names:
+            names[HEAD] = module_name(model, model.get_output_embeddings())
+        return {role: (names[role],) for role in ROLES}
+
+
+class ImageTextToTextKind(ModelKind):
+    """transformers' image-text-to-text models, every family in one adapter (see
+    llava/model/image_text_to_text.py): loaded by AutoModelForImageTextToText with their own
+    processor; parts from their structure; the loss only at supervised positions."""
+
+    name = "image-text-to-text"
+    loss_function = staticmethod(gathered_loss)
+
+    def recognises(self, config: dict[str, Any]) -> bool:
+        imported = any(test(config) for test in IMPORTED_FORMATS.values())
+        return not imported and image_text_to_text_architecture(config) is not None
+
+    def owns(self, model: nn.Module) -> bool:
+        return is_image_text_to_text_model(model)
+
+    def parts(self, model: nn.Module) -> dict[str, tuple[str, ...]]:
+        return structure_parts(model)
+
+    def loss_inputs(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+        return loss_inputs(unwrap_base(model), inputs)
+
+
 def module_name(model: nn.Module, target: nn.Module) -> str:
     for name, module in model.named_modules():
         if module is target:
@@ -80,9 +174,9 @@ def module_name(model: nn.Module, target: nn.Module) -> str:
 
 
 MODEL_KINDS: dict[str, ModelKind] = {
-    kind.model_type: kind
+    kind.name: kind
     for kind in (
-        ModelKind(
+        ComposedKind(
             model_type=LlavaForCausalLM.config_class.model_type,
             model_class=LlavaForCausalLM,
             part_names={
@@ -91,6 +185,7 @@ MODEL_KINDS: dict[str, ModelKind] = {
                 LANGUAGE_MODEL: "language_model",
             },
         ),
+        ImageTextToTextKind(),
     )
 }
 
@@ -99,7 +194,7 @@ def kind_of(model: nn.Module) -> ModelKind:
     """The kind of a model (possibly inside a peft wrapper)."""
     base = unwrap_base(model)
     for kind in MODEL_KINDS.values():
-        if isinstance(base, kind.model_class):
+        if kind.owns(base):
             return kind
     raise ValueError(
         f"{type(base).__name__} is not a model kind this project knows "
@@ -157,19 +252,6 @@ def recognise_import(folder: str) -> str | None:
     return next((name for name, test in IMPORTED_FORMATS.items() if test(config)), None)
 
 
-def unsupported_vision_language_model(folder: str) -> str | None:
-    """The architecture of a transformers image-text-to-text checkpoint in `folder` that no
-    kind or importer here takes (None for anything else), read from its config.json."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
-
-    config = saved_config(folder)
-    if config is None or recognise_import(folder) is not None:
-        return None
-    vision_language = set(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.values())
-    found = [name for name in config.get("architectures") or [] if name in vision_language]
-    return found[0] if found else None
-
-
 def parts_by_role(model: nn.Module) -> dict[str, nn.Module]:
     """The (un-wrapped) model's parts by role."""
     base = unwrap_base(model)
@@ -179,11 +261,12 @@ def parts_by_role(model: nn.Module) -> dict[str, nn.Module]:
 def parameter_roles(model: nn.Module) -> dict[str, str]:
     """Parameter name (in the un-wrapped model) -> the role of the innermost part holding it."""
     base = unwrap_base(model)
-    parts = sorted(kind_of(base).parts(base).items(), key=lambda item: -len(item[1]))
+    parts = [(role, name) for role, names in kind_of(base).parts(base).items() for name in names]
+    parts.sort(key=lambda item: -len(item[1]))
     roles = {}
     for name, _ in base.named_parameters():
         for role, prefix in parts:
-            if name.startswith(prefix + "."):
+            if name == prefix or name.startswith(prefix + "."):
                 roles[name] = role
                 break
     return roles

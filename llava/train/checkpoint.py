@@ -65,7 +65,7 @@ def load_projector(model: nn.Module, path: str) -> None:
     if set(state) != set(expected):
         raise ValueError(
             f"{path} holds projector keys {sorted(state)}, but this model's "
-            f"{unwrap_base(model).config.mm_projector_type} projector has {sorted(expected)}"
+            f"{projector_name(model)} has {sorted(expected)}"
         )
     with gathered(list(expected.values()), modifier_rank=0), torch.no_grad():
         for name, parameter in expected.items():
@@ -75,6 +75,14 @@ def load_projector(model: nn.Module, path: str) -> None:
                     f"{tuple(parameter.shape)}"
                 )
             parameter.copy_(state[name].to(parameter.dtype))
+
+
+def projector_name(model: nn.Module) -> str:
+    """How an error names the model's connector: its projector type where it has one."""
+    projector_type = getattr(unwrap_base(model).config, "mm_projector_type", None)
+    return (
+        f"this model's {projector_type} projector" if projector_type else "this model's connector"
+    )
 
 
 def non_lora_trainables(model: nn.Module, plan: StagePlan) -> list[tuple[str, nn.Parameter]]:

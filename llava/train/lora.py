@@ -38,9 +38,10 @@ def lora_target_pattern(model: nn.Module, target_modules: str | None) -> str:
             )
     else:
         wanted = available
-    language_model = kind_of(model).parts(unwrap_base(model))[LANGUAGE_MODEL]
+    language_models = kind_of(model).parts(unwrap_base(model))[LANGUAGE_MODEL]
+    prefixes = "|".join(re.escape(name) for name in language_models)
     alternatives = "|".join(re.escape(name) for name in wanted)
-    return rf"{re.escape(language_model)}\..*\.({alternatives})"
+    return rf"({prefixes})\..*\.({alternatives})"
 
 
 def lora_rank(model: nn.Module) -> int:

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from llava.model.kinds import ROLES, kind_of, parameter_roles, parts_by_role, unwrap_base
+from llava.model.kinds import ROLES, kind_of, parts_by_role, unwrap_base
 from llava.model.weights import (  # PROJECTOR, ADAPTERS, FULL_MODEL: what checkpoints hold
     ADAPTERS,
     FULL_MODEL,
@@ -154,11 +154,13 @@ def trainable_table(model: nn.Module) -> str:
     from llava.train.lora import is_adapter
 
     base = unwrap_base(model)
-    part_names = kind_of(base).parts(base)
-    roles = parameter_roles(base)
+    part_names = sorted(
+        (name for names in kind_of(base).parts(base).values() for name in names), key=len
+    )
     rows: dict[str, list[int]] = {}
     for name, parameter in base.named_parameters():
-        group = part_names[roles[name]] if name in roles else name.split(".", 1)[0]
+        inside = [part for part in part_names if name == part or name.startswith(part + ".")]
+        group = inside[-1] if inside else name.split(".", 1)[0]  # the innermost part
         group = f"{group} (LoRA)" if is_adapter(name) else group
         counts = rows.setdefault(group, [0, 0])
         counts[0] += parameter_count(parameter)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 import torch
 import transformers
@@ -45,8 +46,12 @@ def compute_dtype(args: TrainingArguments) -> torch.dtype:
     return torch.float32
 
 
-def build_model(model_args: ModelArguments, args: TrainingArguments) -> LlavaForCausalLM:
-    """Compose the LLM and --vision_tower, or open the complete VLM --model_name_or_path names."""
+def build_model(
+    model_args: ModelArguments, args: TrainingArguments
+) -> tuple[torch.nn.Module, Any | None]:
+    """(model, its processor or None): compose the LLM and --vision_tower, or open the complete
+    VLM --model_name_or_path names. A processor comes with transformers' image-text-to-text
+    models, whose data goes through it; composed models read images with their tower's."""
     dtype = compute_dtype(args)
     quantization = quantization_config(args.bits, args.double_quant, args.quant_type, dtype)
     language_model_kwargs = {"cache_dir": args.cache_dir}
@@ -54,16 +59,17 @@ def build_model(model_args: ModelArguments, args: TrainingArguments) -> LlavaFor
         language_model_kwargs["quantization_config"] = quantization
     if args.attn_implementation == PACKED_SDPA:
         register_packed_attention()
-    model = open_complete_model(
+    complete = open_complete_model(
         model_args.model_name_or_path,
         model_args.vision_tower,
         dtype,
         attn_implementation=args.attn_implementation,
         **language_model_kwargs,
     )
-    if model is not None:
-        warn_of_flags_the_model_overrides(model, model_args)
-        return finish_model(model, args, quantization)
+    if complete is not None:
+        if complete.processor is None:
+            warn_of_flags_the_model_overrides(complete.model, model_args)
+        return finish_model(complete.model, args, quantization), complete.processor
     if model_args.vision_tower is None:
         raise ValueError(
             "--vision_tower is required (an HF CLIP/SigLIP checkpoint or open_clip:...), unless "
@@ -80,15 +86,14 @@ def build_model(model_args: ModelArguments, args: TrainingArguments) -> LlavaFor
         attn_implementation=args.attn_implementation,
         language_model_kwargs=language_model_kwargs,
     )
-    return finish_model(model, args, quantization)
+    return finish_model(model, args, quantization), None
 
 
-def finish_model(
-    model: LlavaForCausalLM, args: TrainingArguments, quantization
-) -> LlavaForCausalLM:
+def finish_model(model: torch.nn.Module, args: TrainingArguments, quantization) -> torch.nn.Module:
     """No KV cache in training; k-bit preparation for QLoRA."""
-    model.config.use_cache = False
-    model.language_model.config.use_cache = False
+    for module in model.modules():  # the model's and each sub-model's config
+        if isinstance(module, transformers.PreTrainedModel):
+            module.config.use_cache = False
     if quantization is not None:
         from peft import prepare_model_for_kbit_training
 
@@ -154,21 +159,29 @@ def prepare_model(
     return model, plan
 
 
-def build_data(model: LlavaForCausalLM, tokenizer, model_args, data_args, args):
-    """(train dataset, validation dataset or None, collator)."""
+def build_data(model, tokenizer, model_args, data_args, args, processor=None):
+    """(train dataset, validation dataset or None, collator); through `processor` when the
+    model brings one, else through the model's vision tower."""
     from llava.data.dataset import build_supervised_data, split_for_validation
 
+    if processor is not None:
+        image_inputs = {"processor": processor}
+    else:
+        image_inputs = {
+            "image_processor": model.vision_tower.image_processor,
+            "num_image_tokens": model.num_image_tokens,
+        }
     dataset, collator = build_supervised_data(
         tokenizer=tokenizer,
-        image_processor=model.vision_tower.image_processor,
-        num_image_tokens=model.num_image_tokens,
         data_args=data_args,
         version=model_args.version,
         model_max_length=args.model_max_length,
         mm_use_im_start_end=model_args.mm_use_im_start_end,
         skip_log_dir=args.output_dir if data_args.skip_bad_records else None,
+        **image_inputs,
     )
-    collator.static_shapes = static_shapes(dataset, model, args)
+    if processor is None:
+        collator.static_shapes = static_shapes(dataset, model, args)
     if args.packing != "none":
         from llava.data.packing import PackingCollator
 
@@ -264,17 +277,21 @@ def train_in_locked_folder(model_args, data_args, args):
     transformers.set_seed(args.seed)  # every rank builds the same fresh projector
     if args.gradient_checkpointing and args.gradient_checkpointing_kwargs is None:
         args.gradient_checkpointing_kwargs = {"use_reentrant": False}
-    tokenizer = load_tokenizer(model_args.model_name_or_path, args.model_max_length)
-    model = build_model(model_args, args)
-    if model_args.mm_use_im_start_end:
-        add_image_marker_tokens(model, tokenizer)
-    model.config.image_aspect_ratio = data_args.image_aspect_ratio
+    model, processor = build_model(model_args, args)
+    if processor is None:
+        tokenizer = load_tokenizer(model_args.model_name_or_path, args.model_max_length)
+        if model_args.mm_use_im_start_end:
+            add_image_marker_tokens(model, tokenizer)
+        model.config.image_aspect_ratio = data_args.image_aspect_ratio
+    else:
+        check_flags_for_processor_model(model_args, data_args, args)
+        tokenizer = processor_tokenizer(processor, args.model_max_length)
     model, plan = prepare_model(model, model_args, args)
     if args.should_log:
         logger.warning("Stage: %s\n%s", plan.name, trainable_table(model))
 
     train_dataset, validation_dataset, collator = build_data(
-        model, tokenizer, model_args, data_args, args
+        model, tokenizer, model_args, data_args, args, processor
     )
     preemption = PreemptionCallback()
     trainer = build_trainer(
@@ -285,7 +302,7 @@ def train_in_locked_folder(model_args, data_args, args):
         train_dataset=train_dataset,
         eval_dataset=validation_dataset,
         data_collator=collator,
-        processing_class=tokenizer,
+        processing_class=processor if processor is not None else tokenizer,
         callbacks=[preemption],
     )
     preemption.install()
@@ -301,6 +318,49 @@ def train_in_locked_folder(model_args, data_args, args):
         list_skipped_records(args)
     trainer.save_final(args.output_dir)
     return trainer
+
+
+def processor_tokenizer(processor: Any, model_max_length: int) -> Any:
+    """The tokenizer inside a model's processor, set up as load_tokenizer sets one up."""
+    tokenizer = processor.tokenizer
+    tokenizer.model_max_length = model_max_length
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer
+
+
+def check_flags_for_processor_model(model_args, data_args, args) -> None:
+    """Flags that describe a composed model's data or shapes have no meaning for a model that
+    brings its own processor and chat template: an error names each, or a warning where the
+    model's own setting simply stands (the scripts pass LLaVA-1.5's)."""
+    source = model_args.model_name_or_path
+    if model_args.version != "auto":
+        raise ValueError(
+            f"--version {model_args.version}: {source} renders conversations with its own chat "
+            "template; pass --version auto"
+        )
+    if model_args.mm_use_im_start_end:
+        raise ValueError(
+            f"--mm_use_im_start_end: {source}'s processor writes its own image markers"
+        )
+    if args.packing != "none":
+        raise ValueError(
+            f"--packing {args.packing}: not implemented for {source}'s model class (its "
+            "attention and positions, M-RoPE for Qwen-VL, are not tested equal when packed); "
+            "train unpacked"
+        )
+    if args.pad_max or args.num_length_buckets:
+        raise ValueError(
+            "--pad_max / --num_length_buckets: static shapes are not implemented for "
+            f"{source}'s processor inputs"
+        )
+    if data_args.image_aspect_ratio != "square":
+        logger.warning(
+            "--image_aspect_ratio %s is ignored: %s's processor sizes images itself",
+            data_args.image_aspect_ratio,
+            source,
+        )
 
 
 def list_skipped_records(args: TrainingArguments) -> None:

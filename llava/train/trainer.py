@@ -10,9 +10,9 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import Trainer
 
-from llava.compat import make_tokenizer_config_portable
+from llava.compat import make_tokenizer_config_portable, save_processor
 from llava.data.packing import without_sample_lengths
-from llava.model.kinds import CONNECTOR, parts_by_role, unwrap_base
+from llava.model.kinds import CONNECTOR, kind_of, parts_by_role, unwrap_base
 from llava.model.weights import NON_LORA_TRAINABLES_FILE, PROJECTOR_FILE
 from llava.train.checkpoint import (
     load_non_lora_trainables,
@@ -43,6 +43,10 @@ class LlavaTrainerMixin:
     ):
         self.stage_plan = stage_plan
         self.run_flags = run_flags or {}
+        model = kwargs.get("model", args[0] if args else None)
+        self.model_kind = kind_of(model)
+        if self.model_kind.loss_function is not None:  # the loss at supervised positions
+            kwargs.setdefault("compute_loss_func", self.model_kind.loss_function)
         super().__init__(*args, **kwargs)
         record_stage_plan(unwrap_base(self.model).config, stage_plan)
         self.model.register_load_state_dict_post_hook(forgive_missing_frozen_weights)
@@ -146,6 +150,11 @@ class LlavaTrainerMixin:
         self.raise_deferred_image_errors(logs)
         super().log(logs, *args, **kwargs)
 
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        """The model kind decides the forward's inputs (which logits the loss needs)."""
+        inputs = self.model_kind.loss_inputs(self.model, inputs)  # self.model: not an engine
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
     # -- evaluation ---------------------------------------------------------------------------
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         """Validation loss as the mean over every supervised token, and its perplexity."""
@@ -185,7 +194,7 @@ class LlavaTrainerMixin:
             return
         super().save_model(output_dir, _internal_call=_internal_call)
         if write and self.processing_class is not None:  # the trainer saved it beside the model
-            make_tokenizer_config_portable(self.processing_class, output_dir)
+            save_processing_class(self.processing_class, output_dir)
         if self.stage_plan.checkpoint == ADAPTERS:
             save_non_lora_trainables(self.model, self.stage_plan, output_dir, write)
             if write:
@@ -259,6 +268,14 @@ class LlavaTrainerMixin:
         if self.stage_plan.checkpoint == ADAPTERS:
             path = os.path.join(resume_from_checkpoint, NON_LORA_TRAINABLES_FILE)
             load_non_lora_trainables(target, path)
+
+
+def save_processing_class(processing_class: Any, folder: str) -> None:
+    """The tokenizer, or a model's whole processor, in the layout both transformers lines read."""
+    if hasattr(processing_class, "image_processor"):
+        save_processor(processing_class, folder)
+    else:
+        make_tokenizer_config_portable(processing_class, folder)
 
 
 def forgive_missing_frozen_weights(model: torch.nn.Module, incompatible_keys) -> None:
