@@ -1,0 +1,90 @@
+"""The tiny VLM checkpoints load through the Auto classes and behave like the real families':
+chat template renders image markers and answers, the processor expands images into tokens,
+a forward gives a finite loss, generate runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from tests.fixtures.tiny_vlms import VLM_FAMILIES, tiny_image
+
+IMAGE_MARKERS = {
+    "llava": "<image>",
+    "idefics3": "<image>",
+    "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+    "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+    "qwen3_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+    "qwen3_5": "<|vision_start|><|image_pad|><|vision_end|>",
+    "gemma3": "<start_of_image>",
+    "llava_next": "<image>",
+    "internvl": "<IMG_CONTEXT>",
+    "mllama": "<|image|>",
+}
+# Families whose template writes BOS itself: the tokenizer must not add a second one.
+TEMPLATE_WRITES_BOS = {"gemma3", "mllama"}
+
+MESSAGES = [
+    {
+        "role": "user",
+        "content": [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}],
+    },
+    {"role": "assistant", "content": [{"type": "text", "text": "A red car on the road."}]},
+    {"role": "user", "content": [{"type": "text", "text": "What color is the sky?"}]},
+    {"role": "assistant", "content": "The sky is blue."},
+]
+
+
+def load(folder: str):
+    """Model in eval mode and processor, the way training code loads a hub checkpoint."""
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    return model, AutoProcessor.from_pretrained(folder)
+
+
+def encode(processor, family: str, text: str, size: tuple[int, int]):
+    """One rendered conversation with one image of `size`, as a batch of one."""
+    kwargs = {"add_special_tokens": False} if family in TEMPLATE_WRITES_BOS else {}
+    return processor(text=[text], images=[[tiny_image(size)]], return_tensors="pt", **kwargs)
+
+
+def image_token_count(model, batch) -> int:
+    return int((batch["input_ids"] == model.config.image_token_id).sum())
+
+
+@pytest.mark.parametrize("family", VLM_FAMILIES)
+def test_tiny_vlm_round_trip(tiny_vlm_paths, family):
+    model, processor = load(tiny_vlm_paths[family])
+    assert type(model).__name__.endswith("ForConditionalGeneration")
+
+    text = processor.apply_chat_template(MESSAGES, tokenize=False)
+    assert text.count(IMAGE_MARKERS[family]) == 1
+    assert "A red car on the road." in text and "The sky is blue." in text
+
+    batch = encode(processor, family, text, (56, 56))
+    assert image_token_count(model, batch) > 0
+    if model.config.text_config.bos_token_id is not None:
+        assert (batch["input_ids"][0] == model.config.text_config.bos_token_id).sum() <= 1
+    with torch.no_grad():
+        loss = model(**batch, labels=batch["input_ids"]).loss
+        assert torch.isfinite(loss)
+        generated = model.generate(**batch, max_new_tokens=3, do_sample=False)
+    assert generated.shape[1] <= batch["input_ids"].shape[1] + 3
+
+
+@pytest.mark.skipif("qwen2_vl" not in VLM_FAMILIES, reason="qwen2_vl not available")
+def test_qwen2_vl_token_count_follows_image_size(tiny_vlm_paths):
+    model, processor = load(tiny_vlm_paths["qwen2_vl"])
+    text = processor.apply_chat_template(MESSAGES, tokenize=False)
+    square = image_token_count(model, encode(processor, "qwen2_vl", text, (56, 56)))
+    wide = image_token_count(model, encode(processor, "qwen2_vl", text, (64, 40)))
+    assert square != wide
+
+
+@pytest.mark.skipif("idefics3" not in VLM_FAMILIES, reason="idefics3 not available")
+def test_idefics3_splits_an_image_into_tiles(tiny_vlm_paths):
+    model, processor = load(tiny_vlm_paths["idefics3"])
+    text = processor.apply_chat_template(MESSAGES, tokenize=False)
+    batch = encode(processor, "idefics3", text, (64, 40))
+    assert batch["pixel_values"].shape[1] > 1  # tiles + the global view
+    assert "<row_1_col_1>" in processor.decode(batch["input_ids"][0])

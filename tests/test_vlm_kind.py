@@ -1,0 +1,175 @@
+"""transformers' image-text-to-text models as a model kind: recognised from config.json, parts
+found from the structure (golden names per family), stage plans and LoRA by role, and the loss
+at supervised positions equal to the model's own."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from llava.constants import IGNORE_INDEX
+from llava.model.builder import load_image_text_to_text, open_complete_model
+from llava.model.image_text_to_text import gathered_loss, loss_inputs, supervised_positions
+from llava.model.kinds import (
+    CONNECTOR,
+    HEAD,
+    HF_LLAVA,
+    LANGUAGE_MODEL,
+    VISION,
+    kind_of,
+    parameter_roles,
+    recognise_checkpoint,
+    recognise_import,
+)
+from llava.train.lora import add_lora
+from llava.train.stages import apply_stage, plan_stage, trainable_table
+from tests.fixtures.tiny_vlms import VLM_FAMILIES, tiny_image
+
+# The parts each family's structure gives, by role (the golden names: transformers' own).
+EXPECTED_PARTS = {
+    "llava": ("model.vision_tower", "model.multi_modal_projector", "model.language_model"),
+    "idefics3": ("model.vision_model", "model.connector", "model.text_model"),
+    "smolvlm": ("model.vision_model", "model.connector", "model.text_model"),
+    "qwen2_vl": ("model.visual", "model.visual.merger", "model.language_model"),
+    "qwen2_5_vl": ("model.visual", "model.visual.merger", "model.language_model"),
+    "qwen3_vl": (
+        "model.visual",
+        ("model.visual.merger", "model.visual.deepstack_merger_list"),
+        "model.language_model",
+    ),
+    "gemma3": ("model.vision_tower", "model.multi_modal_projector", "model.language_model"),
+    "llava_next": (
+        "model.vision_tower",
+        ("model.multi_modal_projector", "model.image_newline"),
+        "model.language_model",
+    ),
+    "paligemma": ("model.vision_tower", "model.multi_modal_projector", "model.language_model"),
+    "mllama": ("model.vision_model", "model.multi_modal_projector", "model.language_model"),
+    "internvl": ("model.vision_tower", "model.multi_modal_projector", "model.language_model"),
+}
+FAMILIES = [family for family in VLM_FAMILIES if family in EXPECTED_PARTS]
+
+
+def as_names(value) -> tuple[str, ...]:
+    return value if isinstance(value, tuple) else (value,)
+
+
+@pytest.fixture(scope="module")
+def opened(tiny_vlm_paths):
+    """family -> (model, processor), loaded once."""
+    return {family: load_image_text_to_text(tiny_vlm_paths[family]) for family in FAMILIES}
+
+
+def two_turn_batch(processor, family: str) -> dict[str, torch.Tensor]:
+    """A one-image, two-answer conversation through the family's processor (its own ids)."""
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A square of noise."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Which colour?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Grey and red."}]},
+    ]
+    text = processor.apply_chat_template(messages, tokenize=False)
+    bos = processor.tokenizer.bos_token
+    add_special_tokens = not (bos and text.startswith(bos))
+    return dict(
+        processor(
+            text=[text],
+            images=[[tiny_image((56, 40), seed=1)]],
+            return_tensors="pt",
+            add_special_tokens=add_special_tokens,
+        )
+    )
+
+
+def answer_labels(input_ids: torch.Tensor) -> torch.Tensor:
+    """Labels supervising only the last third of the sequence (a stand-in for the answers)."""
+    labels = input_ids.clone()
+    labels[:, : 2 * input_ids.shape[1] // 3] = IGNORE_INDEX
+    return labels
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_saved_vlm_is_recognised_from_its_config(family, tiny_vlm_paths, tmp_path):
+    folder = tiny_vlm_paths[family]
+    if family == "llava":  # llava-hf opens as this project's composed model (test_hf_import.py)
+        assert recognise_import(folder) == HF_LLAVA and recognise_checkpoint(folder) is None
+    else:
+        assert recognise_checkpoint(folder).name == "image-text-to-text"
+    with pytest.raises(ValueError, match="complete vision-language model .*leave out --vision_tower"):
+        open_complete_model(folder, vision_tower="openai/clip-vit-large-patch14-336")
+    lm_only = tmp_path / "lm"  # a causal LM's config is not a VLM: it composes with a tower
+    lm_only.mkdir()
+    (lm_only / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    assert open_complete_model(str(lm_only), vision_tower=None) is None
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_parts_are_found_from_the_models_structure(family, opened):
+    model, _ = opened[family]
+    vision, connector, language_model = EXPECTED_PARTS[family]
+    assert kind_of(model).parts(model) == {
+        VISION: (vision,),
+        CONNECTOR: as_names(connector),
+        LANGUAGE_MODEL: (language_model,),
+        HEAD: ("lm_head",),
+    }
+    roles = parameter_roles(model)
+    assert set(roles) == {name for name, _ in model.named_parameters()}
+    for name, role in roles.items():
+        if any(name == part or name.startswith(part + ".") for part in as_names(connector)):
+            assert role == CONNECTOR, name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stage_one_trains_only_the_connector(family, tiny_vlm_paths):
+    model, _ = load_image_text_to_text(tiny_vlm_paths[family])
+    apply_stage(model, plan_stage(tune_mm_mlp_adapter=True))
+    connector = as_names(EXPECTED_PARTS[family][1])
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    expected = {
+        name
+        for name, _ in model.named_parameters()
+        if any(name == part or name.startswith(part + ".") for part in connector)
+    }
+    assert trainable == expected and expected
+    table = trainable_table(model)
+    for part in connector:  # the table names the parts as the model does
+        assert part in table
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_goes_on_the_language_models_linears_only(family, tiny_vlm_paths):
+    model, _ = load_image_text_to_text(tiny_vlm_paths[family])
+    plan = plan_stage(lora_enable=True)
+    apply_stage(model, plan)
+    wrapped = add_lora(model, r=4, alpha=8, dropout=0.0, bias="none")
+    language_model = EXPECTED_PARTS[family][2]
+    adapters = [name for name, _ in wrapped.named_parameters() if "lora_" in name]
+    assert adapters
+    assert all(f".{language_model}." in name for name in adapters)
+    roles = parameter_roles(wrapped)
+    trainable = {roles[n] for n, p in wrapped.base_model.model.named_parameters() if p.requires_grad}
+    assert trainable == {CONNECTOR, LANGUAGE_MODEL}  # the connector, and the adapters
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_loss_at_supervised_positions_equals_the_models_own(family, opened):
+    model, processor = opened[family]
+    model.eval()
+    batch = two_turn_batch(processor, family)
+    labels = answer_labels(batch["input_ids"])
+    with torch.no_grad():
+        own = model(**batch, labels=labels).loss
+        inputs = loss_inputs(model, {**batch, "labels": labels})
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        ours = gathered_loss(outputs, labels)
+        summed = gathered_loss(outputs, labels, num_items_in_batch=1)
+    kept = supervised_positions(labels).shape[0]
+    assert kept < labels.shape[1] - 1
+    assert outputs.logits.shape[1] == kept  # the head ran only where the loss needs it
+    torch.testing.assert_close(ours, own, rtol=1e-5, atol=1e-6)
+    count = (labels[:, 1:] != IGNORE_INDEX).sum()
+    torch.testing.assert_close(summed, own * count, rtol=1e-5, atol=1e-5)
