@@ -34,6 +34,7 @@ EXPECTED_PARTS = {
     "smolvlm": ("model.vision_model", "model.connector", "model.text_model"),
     "qwen2_vl": ("model.visual", "model.visual.merger", "model.language_model"),
     "qwen2_5_vl": ("model.visual", "model.visual.merger", "model.language_model"),
+    "qwen3_5": ("model.visual", "model.visual.merger", "model.language_model"),
     "qwen3_vl": (
         "model.visual",
         ("model.visual.merger", "model.visual.deepstack_merger_list"),
@@ -97,7 +98,9 @@ def test_a_saved_vlm_is_recognised_from_its_config(family, tiny_vlm_paths, tmp_p
         assert recognise_import(folder) == HF_LLAVA and recognise_checkpoint(folder) is None
     else:
         assert recognise_checkpoint(folder).name == "image-text-to-text"
-    with pytest.raises(ValueError, match="complete vision-language model .*leave out --vision_tower"):
+    with pytest.raises(
+        ValueError, match="complete vision-language model .*leave out --vision_tower"
+    ):
         open_complete_model(folder, vision_tower="openai/clip-vit-large-patch14-336")
     lm_only = tmp_path / "lm"  # a causal LM's config is not a VLM: it composes with a tower
     lm_only.mkdir()
@@ -150,7 +153,9 @@ def test_lora_goes_on_the_language_models_linears_only(family, tiny_vlm_paths):
     assert adapters
     assert all(f".{language_model}." in name for name in adapters)
     roles = parameter_roles(wrapped)
-    trainable = {roles[n] for n, p in wrapped.base_model.model.named_parameters() if p.requires_grad}
+    trainable = {
+        roles[n] for n, p in wrapped.base_model.model.named_parameters() if p.requires_grad
+    }
     assert trainable == {CONNECTOR, LANGUAGE_MODEL}  # the connector, and the adapters
 
 
