@@ -75,6 +75,9 @@ class ModelKind:
 
     name: str
     loss_function: Any = None
+    # LoRA results list the parts trained in full as peft's modules_to_save (plain peft
+    # restores them); the composed kind keeps LLaVA's non_lora_trainables.bin alone.
+    adapter_holds_trained_parts: bool = False
 
     def recognises(self, config: dict[str, Any]) -> bool:
         raise NotImplementedError
@@ -151,6 +154,7 @@ class ImageTextToTextKind(ModelKind):
 
     name = "image-text-to-text"
     loss_function = staticmethod(gathered_loss)
+    adapter_holds_trained_parts = True
 
     def recognises(self, config: dict[str, Any]) -> bool:
         imported = any(test(config) for test in IMPORTED_FORMATS.values())

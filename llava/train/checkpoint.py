@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from llava.model.kinds import CONNECTOR, parameter_roles, parts_by_role, unwrap_base
+from llava.model.kinds import CONNECTOR, kind_of, parameter_roles, parts_by_role, unwrap_base
 from llava.model.weights import (
     NON_LORA_TRAINABLES_FILE,
     PROJECTOR_FILE,
@@ -118,3 +118,58 @@ def load_non_lora_trainables(model: nn.Module, path: str) -> None:
     with gathered(targets, modifier_rank=0), torch.no_grad():
         for name, value in state.items():
             parameters[name].copy_(value.to(parameters[name].dtype))
+
+
+# -- the trained parts in the adapter, as peft's modules_to_save ------------------------------
+
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+PEFT_MODEL_PREFIX = "base_model.model."  # peft's saved names: this + the base model's name
+
+
+def trained_modules(model: nn.Module, plan: StagePlan) -> list[str]:
+    """Names of the modules the plan trains in full (outermost only: a tower trained whole holds
+    its merger); bare parameters (LLaVA-NeXT's image_newline) are not modules and not listed."""
+    base = unwrap_base(model)
+    parts = kind_of(base).parts(base)
+    names = sorted(
+        (name for role in plan.roles(TRAINS) for name in parts[role]),
+        key=len,
+    )
+    parameters = {name for name, _ in base.named_parameters()}
+    modules: list[str] = []
+    for name in names:
+        if name not in parameters and not any(name.startswith(outer + ".") for outer in modules):
+            modules.append(name)
+    return modules
+
+
+def add_trained_parts_to_adapter(model: nn.Module, plan: StagePlan, folder: str, write: bool):
+    """Put the parts trained in full beside LoRA into the saved adapter the way peft saves
+    `modules_to_save`, so `PeftModel.from_pretrained(base, folder)` restores them as well as the
+    adapters. Only for results: a checkpoint that lists modules_to_save would make peft wrap
+    them when the run resumes. Every rank calls it (gathering is collective)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    modules = trained_modules(model, plan)
+    base = unwrap_base(model)
+    named = [
+        (name, parameter)
+        for name, parameter in base.named_parameters()
+        if any(name.startswith(module + ".") for module in modules)
+    ]
+    state = full_state(named)
+    if not write or not modules:
+        return
+    weights_path = os.path.join(folder, ADAPTER_WEIGHTS_FILE)
+    weights = load_file(weights_path)
+    weights.update({PEFT_MODEL_PREFIX + name: value.contiguous() for name, value in state.items()})
+    save_file(weights, weights_path, metadata={"format": "pt"})
+    config_path = os.path.join(folder, ADAPTER_CONFIG_FILE)
+    with open(config_path, encoding="utf-8") as f:
+        config = json.load(f)
+    config["modules_to_save"] = sorted(set(config.get("modules_to_save") or []) | set(modules))
+    with open(config_path, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, sort_keys=True)

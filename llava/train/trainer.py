@@ -15,6 +15,7 @@ from llava.data.packing import without_sample_lengths
 from llava.model.kinds import CONNECTOR, kind_of, parts_by_role, unwrap_base
 from llava.model.weights import NON_LORA_TRAINABLES_FILE, PROJECTOR_FILE
 from llava.train.checkpoint import (
+    add_trained_parts_to_adapter,
     load_non_lora_trainables,
     load_projector,
     save_non_lora_trainables,
@@ -246,6 +247,10 @@ class LlavaTrainerMixin:
         is marked finished (run_complete.json) last. Every rank calls it."""
         staging = staging_folder(output_dir)
         self.save_model(staging)
+        if self.stage_plan.checkpoint == ADAPTERS and self.model_kind.adapter_holds_trained_parts:
+            add_trained_parts_to_adapter(
+                self.model, self.stage_plan, staging, self.args.should_save
+            )
         if self.args.should_save:
             self.state.save_to_json(os.path.join(staging, "trainer_state.json"))
         self.accelerator.wait_for_everyone()
