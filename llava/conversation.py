@@ -9,6 +9,8 @@ is. `--version` names a template as in LLaVA (`plain`, `v1`, `llava_llama_2`, ..
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -211,6 +213,49 @@ def apply_chat_template(tokenizer: Any, turns: list[Turn], add_generation_prompt
         raise ValueError(f"the tokenizer's chat_template failed: {error}") from error
 
 
+def content_parts(text: str) -> list[dict[str, str]]:
+    """A turn's text as the content parts VLM templates expect: an image part per <image> tag
+    and text parts between, in order.
+
+    Newlines touching a tag are dropped: LLaVA data writes "<image>\n" to put the image first,
+    and a template with parts places its own separators around images.
+    """
+    parts: list[dict[str, str]] = []
+    pieces = text.split(IMAGE_TOKEN)
+    for k, piece in enumerate(pieces):
+        if k > 0:
+            parts.append({"type": "image"})
+            piece = piece.lstrip("\n")
+        if k < len(pieces) - 1:
+            piece = piece.rstrip("\n")
+        if piece:
+            parts.append({"type": "text", "text": piece})
+    return parts
+
+
+def apply_parts_template(processor: Any, turns: list[Turn], add_generation_prompt: bool) -> str:
+    """A processor's chat template (else its tokenizer's) applied to turns given as content parts;
+    the template writes its own image placeholder for each image part."""
+    template = getattr(processor, "chat_template", None)
+    template = template or getattr(processor.tokenizer, "chat_template", None)
+    if not template:
+        raise ValueError("--version auto needs a processor or tokenizer with a chat_template")
+    messages = [{"role": turn.role, "content": content_parts(turn.text)} for turn in turns]
+    try:
+        return processor.apply_chat_template(
+            messages,
+            chat_template=template,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+        )
+    except Exception as error:  # jinja raises TemplateError (e.g. "no system role")
+        raise ValueError(f"the processor's chat_template failed: {error}") from error
+
+
+# (turns, add_generation_prompt) -> the whole conversation rendered by a chat template
+ChatText = Callable[[list[Turn], bool], str]
+
+
 def end_of_answer(tail: str, special_tokens: list[str]) -> int:
     """How much of the text after an answer is its end token (the first special token)."""
     stripped = tail.lstrip(" ")
@@ -220,15 +265,25 @@ def end_of_answer(tail: str, special_tokens: list[str]) -> int:
     return len(tail.rstrip())
 
 
-def render_auto(tokenizer: Any, turns: list[Turn], add_generation_prompt: bool) -> list[Segment]:
-    """Render with `tokenizer.chat_template`, one assistant turn at a time.
+def render_auto(
+    tokenizer: Any,
+    turns: list[Turn],
+    add_generation_prompt: bool,
+    chat_text: ChatText | None = None,
+) -> list[Segment]:
+    """Render with a chat template, one assistant turn at a time.
 
     The text before an answer is the template's generation prompt for the turns so far; the
     supervised text is what the template adds for the answer, up to and including the first
     special token after it (the end-of-turn token). Text after that belongs to the next prompt.
+    `chat_text` renders turns (default: `tokenizer.chat_template` on string contents; a VLM's
+    processor template on content parts, see `apply_parts_template`); the tokenizer names the
+    special tokens.
     """
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("--version auto needs a tokenizer with a chat_template")
+    if chat_text is None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("--version auto needs a tokenizer with a chat_template")
+        chat_text = functools.partial(apply_chat_template, tokenizer)
     special_tokens = sorted(getattr(tokenizer, "all_special_tokens", []), key=len, reverse=True)
     special_tokens += sorted(getattr(tokenizer, "added_tokens_encoder", {}), key=len, reverse=True)
     segments: list[Segment] = []
@@ -236,8 +291,8 @@ def render_auto(tokenizer: Any, turns: list[Turn], add_generation_prompt: bool) 
     for k, turn in enumerate(turns):
         if turn.role != ASSISTANT:
             continue
-        before = apply_chat_template(tokenizer, turns[:k], add_generation_prompt=True)
-        full = apply_chat_template(tokenizer, turns[: k + 1], add_generation_prompt=False)
+        before = chat_text(turns[:k], True)
+        full = chat_text(turns[: k + 1], False)
         if not before.startswith(done) or not full.startswith(before):
             raise ValueError(
                 "the tokenizer's chat_template does not render a conversation as a growing "
@@ -256,7 +311,7 @@ def render_auto(tokenizer: Any, turns: list[Turn], add_generation_prompt: bool) 
         segments.append(Segment(added[start:end], supervised=True))
         done = before + added[:end]
     if add_generation_prompt:
-        final = apply_chat_template(tokenizer, turns, add_generation_prompt=True)
+        final = chat_text(turns, True)
         segments.append(Segment(final[len(done) :], supervised=False))
     return [segment for segment in segments if segment.text]
 

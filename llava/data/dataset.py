@@ -106,11 +106,13 @@ class SupervisedDataset(Dataset):
         skipped: Sequence[BadRecordError] = (),
         skip_log_dir: str | None = None,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        conversation_tokenizer: ConversationTokenizer | None = None,
     ):
         """`skipped`: bad records the reader already skipped (counted and listed here);
-        `skip_log_dir`: where skipped records are listed (the run's output_dir)."""
+        `skip_log_dir`: where skipped records are listed (the run's output_dir);
+        `conversation_tokenizer`: one built elsewhere (a processor's, see processor_media)."""
         check_aspect_ratio(image_aspect_ratio)
-        self.conversation_tokenizer = ConversationTokenizer(
+        self.conversation_tokenizer = conversation_tokenizer or ConversationTokenizer(
             tokenizer, template, num_image_tokens, mm_use_im_start_end
         )
         self.model_max_length = model_max_length
@@ -293,22 +295,35 @@ def split_for_validation(
 
 def build_supervised_data(
     tokenizer: Any,
-    image_processor: Any,
-    num_image_tokens: int,
-    data_args: Any,
+    image_processor: Any = None,
+    num_image_tokens: int = 0,
+    data_args: Any = None,
     version: str = "v1",
     model_max_length: int = 2048,
     mm_use_im_start_end: bool = False,
     padding_side: str = "right",
     skip_log_dir: str | None = None,
-) -> tuple[SupervisedDataset, SupervisedCollator]:
+    processor: Any = None,
+) -> tuple[SupervisedDataset, Any]:
     """The training entry's one call: (train_dataset, data_collator) from LLaVA's flags.
 
     `data_args` carries data_path, image_folder, image_aspect_ratio, dataset_text_field,
     dataset_image_field, skip_bad_records and max_image_pixels (missing ones take their
     defaults). `skip_log_dir` (the run's output_dir) is where skipped records are listed; rank 0
     merges the list with `llava.data.skipped.collect_skipped_records` at the end.
+
+    With `processor` (a transformers image-text-to-text model's), images become that
+    processor's own inputs and `version` "auto" is its chat template; `tokenizer` is
+    processor.tokenizer and `image_processor`, `num_image_tokens`, `mm_use_im_start_end` and
+    `image_aspect_ratio` do not apply (see llava.data.processor_media).
     """
+    if processor is not None:
+        # imported here: processor_media builds on this module's dataset
+        from llava.data.processor_media import build_processor_data
+
+        return build_processor_data(
+            processor, data_args, version, model_max_length, padding_side, skip_log_dir
+        )
     dataset = load_supervised_dataset(
         data_path=data_args.data_path,
         tokenizer=tokenizer,

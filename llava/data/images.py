@@ -96,6 +96,30 @@ def load_image(source: Any, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image
         raise ValueError(f"unreadable image {describe(source)}: {error}") from None
 
 
+def read_size(source: Any, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """(width, height) from the image's header, without decoding its pixels.
+
+    Where an image's token count depends on its size (a processor's tiles or grid) the dataset
+    learns lengths from this. Unreadable images and those over `max_pixels` raise ValueError
+    naming the image, as `load_image` would.
+    """
+    try:
+        with pillow_limit_for(max_pixels):
+            image = open_source(source)
+            size = image.size
+            if image is not source:  # opened here: let go of its file
+                image.close()
+    except (OSError, SyntaxError, Image.DecompressionBombError) as error:
+        raise ValueError(f"unreadable image {describe(source)}: {error}") from None
+    width, height = size
+    if max_pixels and width * height > max_pixels:
+        raise ValueError(
+            f"image {describe(source)} has {width}x{height} = {width * height} pixels, "
+            f"over the limit of {max_pixels} (raise it with --max_image_pixels)"
+        )
+    return size
+
+
 def describe(source: Any) -> str:
     if isinstance(source, str):
         return repr(source)

@@ -18,7 +18,7 @@ Each `<image>` becomes `num_image_tokens` copies of IMAGE_PLACEHOLDER_ID (option
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +73,13 @@ def leading_special_ids(tokenizer: Any) -> list[int]:
         if full[start : start + len(plain)] == plain:
             return full[:start]
     return []
+
+
+def starts_with_bos(tokenizer: Any, text: str) -> bool:
+    """Whether rendered text already begins with the tokenizer's BOS; then the tokenizer's own
+    leading ids are not added, so the sequence never holds two (auto templates often write it)."""
+    bos = getattr(tokenizer, "bos_token", None)
+    return bool(bos) and text.startswith(bos)
 
 
 class TextEncoder:
@@ -139,10 +146,15 @@ class ConversationTokenizer:
         template: ChatTemplate | str,
         num_image_tokens: int,
         mm_use_im_start_end: bool = False,
+        fresh_after_image: bool = True,
     ):
+        """`fresh_after_image`: text after an image starts a fresh text (LLaVA's composed
+        models); off where an image's ids end in a special token inside one tokenized text
+        (a processor's expansion), so the text continues as after any special token."""
         self.tokenizer = tokenizer
         self.template = get_template(template) if isinstance(template, str) else template
         self.num_image_tokens = num_image_tokens
+        self.fresh_after_image = fresh_after_image
         self.encoder = TextEncoder(tokenizer)
         self.image_ids = [IMAGE_PLACEHOLDER_ID] * num_image_tokens
         if mm_use_im_start_end:
@@ -168,43 +180,61 @@ class ConversationTokenizer:
         """(leading special ids, pieces, text chunks to encode with their `fresh` flag)."""
         pieces = self.pieces(segments)
         prefix = self.encoder.prefix_ids
-        bos = getattr(self.tokenizer, "bos_token", None)
-        if bos and segments and segments[0].text.startswith(bos):
+        if segments and starts_with_bos(self.tokenizer, segments[0].text):
             prefix = []  # the template already writes BOS (auto templates often do)
         chunks, fresh = [], True  # the first text starts the sequence
         for kind, value, _ in pieces:
             if kind == "text":
                 chunks.append((value, fresh))
             if kind != "end":
-                fresh = kind == "image"
+                fresh = kind == "image" and self.fresh_after_image
         return prefix, pieces, chunks
 
     def assemble(
-        self, prefix: list[int], pieces: list[Piece], encoded: Iterator[list[int]]
+        self,
+        prefix: list[int],
+        pieces: list[Piece],
+        encoded: Iterator[list[int]],
+        image_ids: Sequence[Sequence[int]] | None = None,
     ) -> EncodedConversation:
-        """Concatenate the pieces' ids; labels copy the ids of supervised pieces."""
+        """Concatenate the pieces' ids; labels copy the ids of supervised pieces.
+
+        `image_ids`: the ids of each image in order, where they differ per image (a processor's
+        expansion depends on the image's size); None: every image is `self.image_ids`."""
         input_ids, labels = list(prefix), [IGNORE_INDEX] * len(prefix)
         turn_ends, image_spans = [], []
+        images = iter(image_ids) if image_ids is not None else None
         for kind, value, supervised in pieces:
             if kind == "end":
                 if supervised:
                     turn_ends.append(len(input_ids))
                 continue
             if kind == "image":
-                image_spans.append((len(input_ids), len(input_ids) + len(self.image_ids)))
-                ids, supervised = self.image_ids, False
+                ids = list(next(images)) if images is not None else self.image_ids
+                image_spans.append((len(input_ids), len(input_ids) + len(ids)))
+                supervised = False
             else:
                 ids = next(encoded) if kind == "text" else [value]
             input_ids += ids
             labels += ids if supervised else [IGNORE_INDEX] * len(ids)
         return EncodedConversation(input_ids, labels, turn_ends, image_spans)
 
-    def encode_segments(self, segments_list: list[list[Segment]]) -> list[EncodedConversation]:
-        """Several conversations at once: one batched tokenizer call for all their text."""
+    def encode_segments(
+        self,
+        segments_list: list[list[Segment]],
+        image_ids_list: Sequence[Sequence[Sequence[int]] | None] | None = None,
+    ) -> list[EncodedConversation]:
+        """Several conversations at once: one batched tokenizer call for all their text.
+
+        `image_ids_list`: per conversation, the ids of each of its images (see `assemble`)."""
         plans = [self.plan(segments) for segments in segments_list]
         chunks = [chunk for _, _, plan_chunks in plans for chunk in plan_chunks]
         encoded = iter(self.encoder.encode_chunks(chunks))
-        return [self.assemble(prefix, pieces, encoded) for prefix, pieces, _ in plans]
+        image_ids_list = image_ids_list or [None] * len(plans)
+        return [
+            self.assemble(prefix, pieces, encoded, image_ids)
+            for (prefix, pieces, _), image_ids in zip(plans, image_ids_list)
+        ]
 
     def render(self, turns: list[Turn], add_generation_prompt: bool = False) -> list[Segment]:
         return render(self.template, list(turns), self.tokenizer, add_generation_prompt)

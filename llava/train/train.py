@@ -355,6 +355,14 @@ def check_flags_for_processor_model(model_args, data_args, args) -> None:
             "--pad_max / --num_length_buckets: static shapes are not implemented for "
             f"{source}'s processor inputs"
         )
+    defaults = ModelArguments(model_name_or_path=source)
+    ignored = [
+        f"--{name} {getattr(model_args, name)}"
+        for name in MODEL_SHAPE_FLAGS
+        if getattr(model_args, name) != getattr(defaults, name)
+    ]
+    if ignored:
+        logger.warning("%s is ignored: %s brings its own connector", ", ".join(ignored), source)
     if data_args.image_aspect_ratio != "square":
         logger.warning(
             "--image_aspect_ratio %s is ignored: %s's processor sizes images itself",
