@@ -178,3 +178,26 @@ def test_the_loss_at_supervised_positions_equals_the_models_own(family, opened):
     torch.testing.assert_close(ours, own, rtol=1e-5, atol=1e-6)
     count = (labels[:, 1:] != IGNORE_INDEX).sum()
     torch.testing.assert_close(summed, own * count, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_text_only_batch_still_reaches_the_trainable_image_parts(family, tiny_vlm_paths):
+    """Every trainable part gets a gradient every step (zero without images): ZeRO-3 would
+    otherwise step a part left out of the backward with its previous gradient again."""
+    model, processor = load_image_text_to_text(tiny_vlm_paths[family])
+    if not hasattr(model, "get_image_features"):
+        pytest.skip(f"{family}: no get_image_features (images enter by cross-attention)")
+    apply_stage(model, plan_stage())
+    tokenizer = processor.tokenizer
+    input_ids = torch.tensor([tokenizer("plain text only", add_special_tokens=False)["input_ids"]])
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    labels = input_ids.clone()
+    kind = kind_of(model)
+    outputs = model(**kind.loss_inputs(model, {**inputs, "labels": labels}) | {"labels": None})
+    loss = gathered_loss(outputs, labels)
+    with_path = kind.with_image_path(model, inputs, loss, processor)
+    assert with_path.item() == loss.item()
+    with_path.backward()
+    connector = kind.part_modules(model)[CONNECTOR]
+    grads = [p.grad for p in connector.parameters()]
+    assert grads and all(g is not None and not g.any() for g in grads)

@@ -170,3 +170,45 @@ def gathered_loss(
     if isinstance(count, torch.Tensor):
         count = count.to(total.device)
     return total / count
+
+
+# -- text-only batches: the image path still runs ---------------------------------------------
+
+
+def blank_image_inputs(processor: Any) -> dict[str, torch.Tensor]:
+    """What the processor's image processor makes of one small blank image."""
+    from PIL import Image
+
+    return dict(processor.image_processor(images=[Image.new("RGB", (64, 64))], return_tensors="pt"))
+
+
+def summed(value: Any) -> torch.Tensor | None:
+    """The sum of every tensor in an output (a tensor, a tuple or list, a ModelOutput)."""
+    if isinstance(value, torch.Tensor):
+        return value.float().sum()
+    items = value.values() if isinstance(value, dict) else value
+    sums = [s for s in (summed(item) for item in items or ()) if s is not None]
+    return torch.stack(sums).sum() if sums else None
+
+
+def image_path_of_nothing(model: nn.Module, blank_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """0 x the image features of a blank image.
+
+    Added to a text-only batch's loss, it gives the vision model and connector a zero gradient,
+    as an image batch gives them a real one: under ZeRO-3 a trainable part that takes no part in
+    a step's backward is stepped with its previous gradient again (its partition of the flat
+    gradient buffer is not cleared), and DDP waits for its gradient. The composed model does
+    the same inside its forward (LlavaForCausalLM.image_path_dummy_output)."""
+    get_features = model.get_image_features
+    names = inspect.signature(get_features).parameters
+    parameter = next(model.parameters())
+    kwargs = {
+        name: value.to(parameter.device, parameter.dtype if value.is_floating_point() else None)
+        for name, value in blank_inputs.items()
+        if name in names
+    }
+    return 0.0 * summed(get_features(**kwargs))
+
+
+def has_image_inputs(inputs: dict[str, Any]) -> bool:
+    return inputs.get("pixel_values") is not None

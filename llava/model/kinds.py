@@ -13,12 +13,16 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 from transformers import PreTrainedModel
 
 from llava.files import CONFIG_FILE, read_json_object
 from llava.model.image_text_to_text import (
+    blank_image_inputs,
     gathered_loss,
+    has_image_inputs,
+    image_path_of_nothing,
     image_text_to_text_architecture,
     is_image_text_to_text_model,
     loss_inputs,
@@ -91,6 +95,14 @@ class ModelKind:
     def loss_inputs(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
         """The forward's inputs for a training or evaluation loss."""
         return inputs
+
+    def with_image_path(
+        self, model: nn.Module, inputs: dict[str, Any], loss: torch.Tensor, processor: Any
+    ) -> torch.Tensor:
+        """The training loss of a batch, made to reach the trainable image parts when the batch
+        has no image (see image_text_to_text.image_path_of_nothing); the composed kind's
+        forward does this itself."""
+        return loss
 
     def part_modules(self, model: nn.Module) -> dict[str, nn.Module]:
         """Role -> its module (a PartGroup where several or no modules play it)."""
@@ -168,6 +180,18 @@ class ImageTextToTextKind(ModelKind):
 
     def loss_inputs(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
         return loss_inputs(unwrap_base(model), inputs)
+
+    def with_image_path(self, model, inputs, loss, processor):
+        base = unwrap_base(model)
+        modules = self.part_modules(base)
+        image_parts_train = any(
+            p.requires_grad for role in (VISION, CONNECTOR) for p in modules[role].parameters()
+        )
+        if has_image_inputs(inputs) or not image_parts_train:
+            return loss
+        if not hasattr(base, "get_image_features"):  # mllama: images enter by cross-attention
+            return loss
+        return loss + image_path_of_nothing(base, blank_image_inputs(processor)).to(loss.device)
 
 
 def module_name(model: nn.Module, target: nn.Module) -> str:

@@ -361,9 +361,9 @@ def check_flags_for_processor_model(model_args, data_args, args) -> None:
         for name in MODEL_SHAPE_FLAGS
         if getattr(model_args, name) != getattr(defaults, name)
     ]
-    if ignored:
-        logger.warning("%s is ignored: %s brings its own connector", ", ".join(ignored), source)
-    if data_args.image_aspect_ratio != "square":
+    if ignored and args.should_log:
+        logger.warning("Ignored, as %s brings its own connector: %s", source, ", ".join(ignored))
+    if data_args.image_aspect_ratio != "square" and args.should_log:
         logger.warning(
             "--image_aspect_ratio %s is ignored: %s's processor sizes images itself",
             data_args.image_aspect_ratio,

@@ -154,7 +154,12 @@ class LlavaTrainerMixin:
     def compute_loss(self, model, inputs, *args, **kwargs):
         """The model kind decides the forward's inputs (which logits the loss needs)."""
         inputs = self.model_kind.loss_inputs(self.model, inputs)  # self.model: not an engine
-        return super().compute_loss(model, inputs, *args, **kwargs)
+        result = super().compute_loss(model, inputs, *args, **kwargs)
+        if not model.training:
+            return result
+        loss, outputs = result if isinstance(result, tuple) else (result, None)
+        loss = self.model_kind.with_image_path(self.model, inputs, loss, self.processing_class)
+        return loss if outputs is None else (loss, outputs)
 
     # -- evaluation ---------------------------------------------------------------------------
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
