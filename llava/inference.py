@@ -1,18 +1,35 @@
-"""Asking a loaded model about images: prompts, pixels, left-padded batched generation."""
+"""Asking a loaded model about images: prompts, pixels, left-padded batched generation.
+
+Two answerers, chosen by what was loaded (`answerer_for`): the composed model's (this
+project's chat templates, the tower's image processor) and that of a model with its own
+processor (transformers' image-text-to-text kind: its chat template renders the prompt, its
+processor makes the image inputs, both through the training data pipeline's encoder, so a
+prompt's ids are those training saw for the same turns).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from llava.constants import IMAGE_TOKEN
-from llava.conversation import USER, Turn
+from llava.constants import IGNORE_INDEX, IMAGE_TOKEN
+from llava.conversation import USER, Segment, Turn
+from llava.data.collator import pad_token_id_of
 from llava.data.images import load_image, process_images
-from llava.data.tokenize import ConversationTokenizer
+from llava.data.processor_collator import OWN_KEYS, ProcessorCollator, batching_rules
+from llava.data.processor_media import (
+    ProcessorConversationTokenizer,
+    ProcessorMedia,
+    first_difference,
+)
+from llava.data.tokenize import ConversationTokenizer, starts_with_bos
 from llava.model.builder import LoadedModel
+
+DEFAULT_TEMPLATE = "v1"  # the composed kind's, as LLaVA-1.5 trains
+OWN_TEMPLATE = "auto"  # a processor's chat template: the only one its models train with
 
 
 @dataclass
@@ -30,10 +47,32 @@ def with_image_tag(question: str, num_images: int) -> str:
     return question
 
 
-class Answerer:
-    """Turns questions about images into answers with one loaded model and chat template."""
+def template_name(loaded: LoadedModel, name: str | None, flag: str = "--conv-mode") -> str:
+    """The chat template to render with: `name`, or by default the one the model trains with
+    (v1 for the composed kind, the processor's own for a model that has one). A model with a
+    processor takes only its own, as training does (train.check_flags_for_processor_model)."""
+    if loaded.processor is None:
+        return name or DEFAULT_TEMPLATE
+    if name not in (None, OWN_TEMPLATE):
+        raise ValueError(
+            f"{flag} {name}: {type(loaded.model).__name__} renders conversations with its "
+            f"processor's own chat template (as it trains, --version {OWN_TEMPLATE}); leave "
+            f"{flag} out"
+        )
+    return OWN_TEMPLATE
 
-    def __init__(self, loaded: LoadedModel, conv_mode: str):
+
+def answerer_for(loaded: LoadedModel, conv_mode: str | None = None) -> Answerer:
+    """The answerer of what was loaded: through its processor where it has one."""
+    answerer_class = ProcessorAnswerer if loaded.processor is not None else Answerer
+    return answerer_class(loaded, template_name(loaded, conv_mode))
+
+
+class Answerer:
+    """Turns questions about images into answers with one loaded composed model (its tower's
+    image processor, this project's chat templates)."""
+
+    def __init__(self, loaded: LoadedModel, conv_mode: str = DEFAULT_TEMPLATE):
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -62,31 +101,112 @@ class Answerer:
         turns = [Turn(USER, with_image_tag(question, len(image_sources)))]
         return self.prompt(turns, image_sources)
 
-    def generate(self, prompts: list[Prompt], **generate_kwargs: Any) -> list[str]:
-        """Answers for a batch of prompts, left-padded so every answer starts at one column.
-
-        The language model's generate() derives position ids from the attention mask (its
-        cumsum), so padding shifts no row's positions: a batch answers as each prompt alone.
-        """
+    def batch(self, prompts: list[Prompt]) -> dict[str, torch.Tensor | None]:
+        """The prompts left-padded to one width, with every image's pixels in prompt order."""
         pad_id = self.tokenizer.pad_token_id
         width = max(len(p.input_ids) for p in prompts)
-        input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # (B, T)
+        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)  # (B, T)
         for row, prompt in enumerate(prompts):
             input_ids[row, width - len(prompt.input_ids) :] = torch.tensor(prompt.input_ids)
             attention_mask[row, width - len(prompt.input_ids) :] = 1
         images = [p.pixel_values for p in prompts if p.pixel_values is not None]
         pixel_values = torch.cat(images).to(self.device, self.model.dtype) if images else None
+        return {
+            "input_ids": input_ids.to(self.device),
+            "attention_mask": attention_mask.to(self.device),
+            "pixel_values": pixel_values,
+        }
+
+    def new_tokens(self, output: torch.Tensor, prompt_width: int) -> torch.Tensor:
+        """LlavaForCausalLM.generate() returns the new tokens alone."""
+        return output
+
+    def generate(self, prompts: list[Prompt], **generate_kwargs: Any) -> list[str]:
+        """Answers for a batch of prompts, left-padded so every answer starts at one column.
+
+        generate() derives position ids from the attention mask (its cumsum; Qwen-VL's M-RoPE
+        from the mask too), so padding shifts no row's positions: a batch answers as each
+        prompt alone.
+        """
+        inputs = self.batch(prompts)
         output = self.model.generate(
-            input_ids=input_ids.to(self.device),
-            attention_mask=attention_mask.to(self.device),
-            pixel_values=pixel_values,
-            pad_token_id=pad_id,
-            **generate_kwargs,
+            **inputs, pad_token_id=self.tokenizer.pad_token_id, **generate_kwargs
         )
+        answers = self.new_tokens(output, inputs["input_ids"].shape[1])
         return [
-            text.strip() for text in self.tokenizer.batch_decode(output, skip_special_tokens=True)
+            text.strip() for text in self.tokenizer.batch_decode(answers, skip_special_tokens=True)
         ]
+
+
+@dataclass
+class ProcessorPrompt:
+    """One generation request to a model with a processor: the prompt's ids and the
+    processor's other outputs for it (pixel_values, image_grid_thw, ...), each with its own
+    leading dim as the processor returns it for one text."""
+
+    input_ids: list[int]
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class ProcessorAnswerer(Answerer):
+    """Answers from a model with its own processor (transformers' image-text-to-text kind).
+
+    Prompts are rendered and encoded as the training data is (ProcessorConversationTokenizer
+    with add_generation_prompt, each image expanded by ProcessorMedia for its size); the
+    processor then runs on the rendered text and the images, and its input_ids must equal
+    those. Batches are padded on the left by the training collator's rules.
+    """
+
+    def __init__(self, loaded: LoadedModel, conv_mode: str = OWN_TEMPLATE):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.media = ProcessorMedia(loaded.processor)
+        self.conversation = ProcessorConversationTokenizer(loaded.processor, conv_mode, self.media)
+        self.collator = ProcessorCollator(
+            pad_token_id_of(self.tokenizer), batching_rules(self.media), padding_side="left"
+        )
+
+    def prompt(self, turns: list[Turn], image_sources: Sequence[Any] = ()) -> ProcessorPrompt:
+        images = [load_image(source) for source in image_sources]
+        segments = self.conversation.render(turns, add_generation_prompt=True)  # <image> tags
+        placed, image_ids = self.media.place(segments, [image.size for image in images])
+        unsupervised = [Segment(segment.text, False) for segment in placed]
+        input_ids = self.conversation.encode_segments([unsupervised], [image_ids])[0].input_ids
+        text = self.media.text(segments)
+        outputs = self.media(text, images, not starts_with_bos(self.tokenizer, text))
+        theirs = outputs["input_ids"][0].tolist()
+        if theirs != input_ids:
+            at = first_difference(input_ids, theirs)
+            raise ValueError(
+                f"the processor's input_ids differ from the prompt built turn by turn at "
+                f"position {at} (lengths {len(theirs)} and {len(input_ids)})"
+            )
+        extras = {key: value for key, value in outputs.items() if key not in OWN_KEYS}
+        return ProcessorPrompt(input_ids, extras)
+
+    def batch(self, prompts: list[ProcessorPrompt]) -> dict[str, torch.Tensor]:
+        samples = [
+            {
+                "input_ids": torch.tensor(p.input_ids),
+                "labels": torch.full((len(p.input_ids),), IGNORE_INDEX),
+                **p.inputs,
+            }
+            for p in prompts
+        ]
+        batch = self.collator(samples)
+        del batch["labels"]
+        return {
+            key: value.to(self.device, self.model.dtype)
+            if value.is_floating_point()
+            else value.to(self.device)
+            for key, value in batch.items()
+        }
+
+    def new_tokens(self, output: torch.Tensor, prompt_width: int) -> torch.Tensor:
+        """transformers' generate() returns the prompt, then the new tokens."""
+        return output[:, prompt_width:]
 
 
 def sampling_kwargs(temperature: float, top_p: float | None, num_beams: int, max_new_tokens: int):

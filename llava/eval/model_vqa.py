@@ -4,6 +4,10 @@
         --image-folder F --answers-file A.jsonl [--conv-mode v1] [--temperature 0] \
         [--max-new-tokens 128] [--batch-size 8] [--num-chunks C --chunk-idx I]
 
+The model is a composed LLaVA checkpoint or a transformers image-text-to-text one (a plain
+folder, a fine-tune's output, or a LoRA output with --model-base the VLM it was trained from);
+the latter answers through its own processor and chat template.
+
 Questions are `{"question_id", "image", "text"}` (image optional, a path or a list of paths);
 answers are `{"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}`. Lines
 already in the answers file are kept and their questions skipped; a torn last line (from an
@@ -22,7 +26,7 @@ from typing import Any
 from tqdm import tqdm
 
 from llava.constants import IMAGE_TOKEN
-from llava.inference import Answerer, sampling_kwargs
+from llava.inference import Answerer, answerer_for, sampling_kwargs
 from llava.model.builder import add_loading_flags, load_from_flags
 
 
@@ -159,7 +163,11 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--question-file", required=True)
     parser.add_argument("--image-folder", default=None)
     parser.add_argument("--answers-file", required=True)
-    parser.add_argument("--conv-mode", default="v1")
+    parser.add_argument(
+        "--conv-mode",
+        default=None,
+        help="chat template; default: v1, or the model's own where it has a processor",
+    )
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top_p", type=float, default=None)
     parser.add_argument("--num_beams", type=int, default=1)
@@ -176,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     check_questions(questions, args.image_folder)  # before the model loads
     loaded = load_from_flags(args)
     written = answer_questions(
-        Answerer(loaded, args.conv_mode),
+        answerer_for(loaded, args.conv_mode),
         questions,
         args.answers_file,
         args.image_folder,

@@ -11,7 +11,9 @@ from typing import Any
 import torch
 from transformers import (
     MODEL_FOR_CAUSAL_LM_MAPPING,
+    AutoConfig,
     AutoModelForCausalLM,
+    AutoProcessor,
     AutoTokenizer,
     LlavaForConditionalGeneration,
     LlavaProcessor,
@@ -37,6 +39,7 @@ from llava.model.kinds import (
     CONNECTOR,
     HF_LLAVA,
     VISION,
+    ImageTextToTextKind,
     parts_by_role,
     recognise_checkpoint,
     recognise_import,
@@ -244,10 +247,18 @@ def check_checkpoint_files(model_path: str, kind: str) -> None:
 
 @dataclass
 class LoadedModel:
+    """A model ready to answer, with what its inputs are made with.
+
+    `processor`: the model's own processor where prompts and images go through it (transformers'
+    image-text-to-text kind: its chat template, its image expansion); None for the composed
+    kind, whose prompts use this project's templates and whose images `image_processor` makes.
+    """
+
     tokenizer: PreTrainedTokenizerBase
-    model: LlavaForCausalLM
+    model: torch.nn.Module
     image_processor: Any
     context_length: int
+    processor: Any | None = None
 
 
 def has_tokenizer(folder: str) -> bool:
@@ -306,7 +317,9 @@ def load_pretrained_model(
 ) -> LoadedModel:
     """Open a full, LoRA (over `model_base`) or stage-1 projector (over `model_base`) checkpoint.
 
-    The kind is decided from the files in `model_path`, never from its name. LoRA adapters
+    The kind is decided from the files in `model_path`, never from its name: a config.json
+    naming a transformers image-text-to-text class (a plain VLM folder, or a fine-tune of one)
+    opens as that class with its processor; any other as the composed model. LoRA adapters
     are merged into the base weights for inference.
     """
     kind = checkpoint_kind(model_path)
@@ -316,6 +329,34 @@ def load_pretrained_model(
     language_model_kwargs = quantized_loading_kwargs(load_8bit, load_4bit)
     if language_model_kwargs:  # bitsandbytes places the weights it quantizes
         language_model_kwargs["device_map"] = {"": str(device)}
+    if isinstance(recognise_checkpoint(model_path), ImageTextToTextKind):
+        loaded = load_vision_language_checkpoint(
+            model_path, kind, model_base, vision_tower, torch_dtype, language_model_kwargs
+        )
+    else:
+        loaded = load_composed_checkpoint(
+            model_path, kind, model_base, vision_tower, torch_dtype, language_model_kwargs
+        )
+    model = loaded.model
+    if not language_model_kwargs:
+        model.to(device)
+    elif loaded.processor is None:  # the composed model's quantized language model is placed
+        parts = parts_by_role(model)
+        parts[VISION].to(device)
+        parts[CONNECTOR].to(device)
+    model.eval()  # (a model with a processor loads whole, placed by its device map)
+    return loaded
+
+
+def load_composed_checkpoint(
+    model_path: str,
+    kind: str,
+    model_base: str | None,
+    vision_tower: str | None,
+    torch_dtype: torch.dtype | None,
+    language_model_kwargs: dict[str, Any],
+) -> LoadedModel:
+    """A checkpoint of this project's composed model (or a llava-hf folder, imported as it)."""
     tokenizer_path = model_path if has_tokenizer(model_path) else model_base
     if tokenizer_path is None:
         raise ValueError(f"{model_path!r} has no tokenizer; pass --model-base")
@@ -335,20 +376,101 @@ def load_pretrained_model(
         )
         resize_to_tokenizer(model, tokenizer)
         if kind == "projector":
-            parts_by_role(model)[CONNECTOR].load_state_dict(
-                read_projector_file(os.path.join(model_path, PROJECTOR_FILE))
-            )
+            load_connector(model, model_path)
         else:
             model = merge_lora_checkpoint(model, model_path)
-    if language_model_kwargs:  # the quantized language model is in place already
-        parts = parts_by_role(model)
-        parts[VISION].to(device)
-        parts[CONNECTOR].to(device)
-    else:
-        model.to(device)
-    model.eval()
     context_length = getattr(model.config.text_config, "max_position_embeddings", 2048)
     return LoadedModel(tokenizer, model, model.vision_tower.image_processor, context_length)
+
+
+def load_vision_language_checkpoint(
+    model_path: str,
+    kind: str,
+    model_base: str | None,
+    vision_tower: str | None,
+    torch_dtype: torch.dtype | None,
+    model_kwargs: dict[str, Any],
+) -> LoadedModel:
+    """A transformers image-text-to-text model: a full folder (a fine-tune's output or a plain
+    transformers one) by the class its config names; a LoRA or projector output over
+    `model_base`, the VLM folder it was trained from. Its processor comes along: the output's
+    own where it holds one (training saves it), else the base's."""
+    architecture = image_text_to_text_architecture(saved_config(model_path) or {})
+    if vision_tower is not None:
+        raise ValueError(
+            f"--vision-tower {vision_tower}: {model_path} is a {architecture} with its own "
+            "vision tower; leave the flag out"
+        )
+    if kind == "full":
+        model, processor = load_image_text_to_text(model_path, torch_dtype, **model_kwargs)
+    else:
+        if model_base is None:
+            raise ValueError(
+                f"{model_path!r} holds {'LoRA adapters' if kind == 'lora' else 'a connector'} "
+                f"of a {architecture}; pass --model-base with the vision-language model folder "
+                "it was trained from"
+            )
+        check_same_base(model_path, model_base)
+        model, processor = load_image_text_to_text(model_base, torch_dtype, **model_kwargs)
+        if has_processor(model_path):
+            processor = AutoProcessor.from_pretrained(model_path)
+        if kind == "projector":
+            load_connector(model, model_path)
+        else:
+            model = merge_lora_checkpoint(model, model_path)
+    tokenizer = processor.tokenizer
+    if tokenizer.pad_token is None:  # as training sets it up (train.processor_tokenizer)
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    context_length = getattr(
+        model.config.get_text_config(), "max_position_embeddings", tokenizer.model_max_length
+    )
+    image_processor = getattr(processor, "image_processor", None)
+    return LoadedModel(tokenizer, model, image_processor, context_length, processor)
+
+
+def has_processor(folder: str) -> bool:
+    """A processor saved beside the model: its tokenizer and image processor's files."""
+    names = ("processor_config.json", "preprocessor_config.json")
+    return has_tokenizer(folder) and any(os.path.exists(os.path.join(folder, n)) for n in names)
+
+
+# Sizes that tell two models of one class apart, compared in each sub-model's config.
+SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
+
+
+def check_same_base(model_path: str, model_base: str) -> None:
+    """`model_base` is the vision-language model the checkpoint in `model_path` was trained
+    from, by its config: the same class and the same sizes of its text and vision models."""
+    trained, base = AutoConfig.from_pretrained(model_path), AutoConfig.from_pretrained(model_base)
+    trained_class = image_text_to_text_architecture(trained.to_dict())
+    base_class = image_text_to_text_architecture(base.to_dict())
+    if trained_class != base_class:
+        raise ValueError(
+            f"--model-base {model_base} is not the model {model_path} was trained from: its "
+            f"config names {base_class or base.model_type}, the checkpoint's {trained_class}"
+        )
+    sub_configs = {
+        "text model": (trained.get_text_config(), base.get_text_config()),
+        "vision model": (
+            getattr(trained, "vision_config", None),
+            getattr(base, "vision_config", None),
+        ),
+    }
+    for part, (ours, theirs) in sub_configs.items():
+        for key in SHAPE_KEYS:
+            mine, other = getattr(ours, key, None), getattr(theirs, key, None)
+            if mine != other:
+                raise ValueError(
+                    f"--model-base {model_base} is not the model {model_path} was trained from: "
+                    f"its {part} has {key} {other}, the checkpoint's {mine}"
+                )
+
+
+def load_connector(model: torch.nn.Module, model_path: str) -> None:
+    """A stage-1 checkpoint's mm_projector.bin into the model's connector."""
+    parts_by_role(model)[CONNECTOR].load_state_dict(
+        read_projector_file(os.path.join(model_path, PROJECTOR_FILE))
+    )
 
 
 def full_model_class(model_path: str) -> type[LlavaForCausalLM]:
@@ -451,7 +573,6 @@ def load_image_text_to_text(
     Its parts are found at once, so a model whose structure the adapter cannot read fails here
     with what is missing (llava/model/image_text_to_text.py)."""
     import transformers
-    from transformers import AutoProcessor
 
     architecture = image_text_to_text_architecture(saved_config(folder) or {})
     model_class = getattr(transformers, architecture)
@@ -499,8 +620,9 @@ def open_complete_model(
     return CompleteModel(*load_image_text_to_text(model_name_or_path, torch_dtype, **model_kwargs))
 
 
-def merge_lora_checkpoint(model: LlavaForCausalLM, model_path: str) -> LlavaForCausalLM:
-    """Load non_lora_trainables.bin and the adapter onto the base, then merge the adapter."""
+def merge_lora_checkpoint(model: torch.nn.Module, model_path: str) -> torch.nn.Module:
+    """Load non_lora_trainables.bin and the adapter onto the base, then merge the adapter (any
+    model kind: an image-text-to-text adapter's modules_to_save come back with it too)."""
     from peft import PeftModel
 
     non_lora = read_non_lora_trainables(os.path.join(model_path, NON_LORA_TRAINABLES_FILE), model)
@@ -515,7 +637,11 @@ def merge_lora_checkpoint(model: LlavaForCausalLM, model_path: str) -> LlavaForC
 def add_loading_flags(parser: argparse.ArgumentParser) -> None:
     """The flags of the commands that load a trained model (model_vqa, cli, perplexity)."""
     parser.add_argument("--model-path", required=True, help="a checkpoint folder")
-    parser.add_argument("--model-base", default=None, help="base LLM of LoRA/projector ones")
+    parser.add_argument(
+        "--model-base",
+        default=None,
+        help="base of LoRA/projector ones: the LLM (composed LLaVA), or the VLM folder",
+    )
     parser.add_argument("--device", default="auto", help="auto (cuda, hpu, cpu), or a device")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--load-8bit", action="store_true", help="bitsandbytes 8-bit (CUDA)")

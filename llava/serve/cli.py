@@ -3,7 +3,8 @@
     python -m llava.serve.cli --model-path P [--model-base B] --image-file IMG \
         [--conv-mode v1] [--temperature 0.2] [--max-new-tokens 512]
 
-An empty line (or end of input) ends the chat.
+A transformers image-text-to-text model (plain, fine-tuned, or LoRA over --model-base) chats
+through its own processor and chat template. An empty line (or end of input) ends the chat.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 from transformers import TextStreamer
 
 from llava.conversation import ASSISTANT, USER, Turn
-from llava.inference import Answerer, sampling_kwargs, with_image_tag
+from llava.inference import Answerer, answerer_for, sampling_kwargs, with_image_tag
 from llava.model.builder import add_loading_flags, load_from_flags
 
 
@@ -50,7 +51,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_loading_flags(parser)
     parser.add_argument("--image-file", required=True)
-    parser.add_argument("--conv-mode", default="v1")
+    parser.add_argument(
+        "--conv-mode",
+        default=None,
+        help="chat template; default: v1, or the model's own where it has a processor",
+    )
     parser.add_argument("--temperature", type=float, default=0.2)
     parser.add_argument("--max-new-tokens", type=int, default=512)
     args = parser.parse_args(argv)
@@ -58,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"--image-file {args.image_file!r} does not exist")
     loaded = load_from_flags(args)
     chat(
-        Answerer(loaded, args.conv_mode),
+        answerer_for(loaded, args.conv_mode),
         args.image_file,
         sampling_kwargs(args.temperature, None, 1, args.max_new_tokens),
     )
