@@ -76,3 +76,31 @@ def test_runs_as_a_module(data_args):
     )
     assert json.loads(result.stdout)["record_index"] == 0
     assert "2 records -> 2 samples" in result.stderr
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "idefics3"])
+def test_a_transformers_vlm_is_previewed_through_its_own_processor(
+    family, tiny_vlm_paths, training_assets, capsys
+):
+    """Its chat template (auto by default) and its processor's image ids, no weights loaded:
+    the ids are the training dataset's, each answer and its end token marked supervised."""
+    from transformers import AutoProcessor
+
+    from llava.data.processor_media import load_processor_dataset
+
+    folder = tiny_vlm_paths[family]
+    argv = ["--data_path", training_assets["finetune"], "--model_name_or_path", folder]
+    assert (
+        main([*argv, "--image_folder", training_assets["image_folder"], "--json", "--num", "1"])
+        == 0
+    )
+    sample = json.loads(capsys.readouterr().out.splitlines()[0])
+    processor = AutoProcessor.from_pretrained(folder)
+    dataset = load_processor_dataset(
+        training_assets["finetune"], processor, image_folder=training_assets["image_folder"]
+    )
+    assert sample["input_ids"] == dataset[0]["input_ids"].tolist()
+    assert sample["num_images"] == 1
+    end = {"qwen2_vl": "<|im_end|>", "idefics3": "<end_of_utterance>"}[family]
+    assert f"⟦red{end}⟧" in sample["text"].replace(" ", "")
+    assert "<image x" in sample["text"]

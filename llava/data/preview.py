@@ -6,6 +6,11 @@
 Supervised text is shown between ⟦ and ⟧, each image as <image xN>. `--json` prints one JSON
 object per sample (input_ids, labels, ...) on stdout; the data summary line goes to stderr.
 `--num_image_tokens N` stands in for a vision tower (a CLIP processor of `--image_size`).
+A transformers image-text-to-text checkpoint (Qwen2-VL, Idefics3, Gemma 3, ...) is shown through
+its own processor and chat template (`--version auto`, its default), from its configs alone:
+
+    python -m llava.data.preview --data_path data.json --model_name_or_path HuggingFaceTB/SmolVLM-256M-Instruct \
+        --image_folder images
 """
 
 from __future__ import annotations
@@ -33,7 +38,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Where the tokenizer is; a complete VLM folder (llava-hf) brings its image settings.",
     )
     parser.add_argument(
-        "--version", default="v1", choices=list(TEMPLATES), help="Chat template, as in training."
+        "--version",
+        default=None,
+        choices=list(TEMPLATES),
+        help="Chat template, as in training (default: auto for a model with its own processor, "
+        "else v1).",
     )
     parser.add_argument("--image_folder", default=None)
     parser.add_argument("--vision_tower", default=None)
@@ -88,11 +97,15 @@ def load_tokenizer(args: argparse.Namespace) -> Any:
     return tokenizer
 
 
-def runs(input_ids: list[int], labels: list[int]) -> list[tuple[str, list[int]]]:
-    """Consecutive (kind, ids) runs; kind is image, supervised or prompt."""
+def runs(
+    input_ids: list[int], labels: list[int], image_ids: frozenset[int] = frozenset()
+) -> list[tuple[str, list[int]]]:
+    """Consecutive (kind, ids) runs; kind is image, supervised or prompt. `image_ids`: the ids
+    that stand for image features (the placeholder, or a processor's image token)."""
+    image_ids = image_ids or frozenset({IMAGE_PLACEHOLDER_ID})
     result: list[tuple[str, list[int]]] = []
     for token, label in zip(input_ids, labels):
-        kind = "image" if token == IMAGE_PLACEHOLDER_ID else "prompt"
+        kind = "image" if token in image_ids else "prompt"
         kind = "supervised" if label != IGNORE_INDEX else kind
         if result and result[-1][0] == kind:
             result[-1][1].append(token)
@@ -105,7 +118,9 @@ def decode(tokenizer: Any, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
-def render_marked(tokenizer: Any, input_ids: list[int], labels: list[int]) -> str:
+def render_marked(
+    tokenizer: Any, input_ids: list[int], labels: list[int], image_ids: frozenset[int] = frozenset()
+) -> str:
     """The sample as text: supervised runs in ⟦ ⟧, images as <image xN>.
 
     Text between two images is decoded as a whole and cut at the run boundaries, so spaces
@@ -125,7 +140,7 @@ def render_marked(tokenizer: Any, input_ids: list[int], labels: list[int]) -> st
             pieces.append(marked)
         text_runs.clear()
 
-    for kind, run in runs(input_ids, labels):
+    for kind, run in runs(input_ids, labels, image_ids):
         if kind == "image":
             flush()
             pieces.append(f"<image x{len(run)}>")
@@ -135,11 +150,13 @@ def render_marked(tokenizer: Any, input_ids: list[int], labels: list[int]) -> st
     return "".join(pieces)
 
 
-def describe(dataset: SupervisedDataset, tokenizer: Any, i: int) -> dict[str, Any]:
-    record, _ = dataset.samples[i]
+def describe(
+    dataset: SupervisedDataset, tokenizer: Any, i: int, image_ids: frozenset[int] = frozenset()
+) -> dict[str, Any]:
+    record, num_images = dataset.samples[i]
     sample = dataset[i]
     input_ids, labels = sample["input_ids"].tolist(), sample["labels"].tolist()
-    pixels = sample["pixel_values"]
+    pixels = sample.get("pixel_values")
     return {
         "sample": i,
         "source": record.source,
@@ -147,12 +164,12 @@ def describe(dataset: SupervisedDataset, tokenizer: Any, i: int) -> dict[str, An
         "id": record.id,
         "modality": dataset.modalities[i],
         "length": len(input_ids),
-        "num_images": 0 if pixels is None else int(pixels.shape[0]),
+        "num_images": num_images,
         "pixel_values_shape": None if pixels is None else list(pixels.shape),
         "num_supervised": sum(label != IGNORE_INDEX for label in labels),
         "input_ids": input_ids,
         "labels": labels,
-        "text": render_marked(tokenizer, input_ids, labels),
+        "text": render_marked(tokenizer, input_ids, labels, image_ids),
     }
 
 
@@ -166,15 +183,50 @@ def show(info: dict[str, Any]) -> str:
     return header + "\n" + info["text"] + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
-    args = parse_args(argv)
+def processor_image_ids(processor: Any) -> frozenset[int]:
+    """The ids a processor writes for image features (its image token; Idefics3's and
+    Gemma 3's markers around them stay visible as text)."""
+    token_id = getattr(processor, "image_token_id", None)
+    if token_id is None and getattr(processor, "image_token", None):
+        token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    return frozenset() if token_id is None else frozenset({token_id})
+
+
+def processor_dataset(args: argparse.Namespace) -> tuple[SupervisedDataset, Any, Any] | None:
+    """(dataset, tokenizer, processor) through the model's own processor when
+    --model_name_or_path is a transformers image-text-to-text checkpoint; None otherwise."""
+    from llava.model.kinds import recognise_checkpoint
+
+    kind = recognise_checkpoint(args.model_name_or_path)
+    if kind is None or kind.name != "image-text-to-text" or args.vision_tower:
+        return None
+    from transformers import AutoProcessor
+
+    from llava.data.processor_media import load_processor_dataset
+
+    processor = AutoProcessor.from_pretrained(args.model_name_or_path)
+    dataset = load_processor_dataset(
+        args.data_path,
+        processor,
+        args.version or "auto",
+        args.model_max_length,
+        image_folder=args.image_folder,
+        dataset_text_field=args.dataset_text_field,
+        dataset_image_field=args.dataset_image_field,
+        skip_bad_records=args.skip_bad_records,
+        max_image_pixels=args.max_image_pixels,
+    )
+    return dataset, processor.tokenizer, processor
+
+
+def composed_dataset(args: argparse.Namespace) -> tuple[SupervisedDataset, Any]:
+    """(dataset, tokenizer) with a vision tower's (or a llava-hf folder's) image settings."""
     tokenizer = load_tokenizer(args)
     processor, num_image_tokens = image_processor_and_tokens(args)
     dataset = load_supervised_dataset(
         args.data_path,
         tokenizer,
-        args.version,
+        args.version or "v1",
         args.model_max_length,
         image_processor=processor,
         num_image_tokens=num_image_tokens,
@@ -186,8 +238,20 @@ def main(argv: list[str] | None = None) -> int:
         mm_use_im_start_end=args.mm_use_im_start_end,
         max_image_pixels=args.max_image_pixels,
     )
+    return dataset, tokenizer
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    args = parse_args(argv)
+    through_processor = processor_dataset(args)
+    if through_processor is not None:
+        dataset, tokenizer, processor = through_processor
+        image_ids = processor_image_ids(processor)
+    else:
+        (dataset, tokenizer), image_ids = composed_dataset(args), frozenset()
     for i in range(min(args.num, len(dataset))):
-        info = describe(dataset, tokenizer, i)
+        info = describe(dataset, tokenizer, i, image_ids)
         print(json.dumps(info, ensure_ascii=False) if args.json else show(info), flush=True)
     return 0
 
