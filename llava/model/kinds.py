@@ -181,15 +181,31 @@ class ImageTextToTextKind(ModelKind):
     def loss_inputs(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
         return loss_inputs(unwrap_base(model), inputs)
 
-    def with_image_path(self, model, inputs, loss, processor):
+    def image_parts_train(self, model: nn.Module) -> bool:
         base = unwrap_base(model)
         modules = self.part_modules(base)
-        image_parts_train = any(
+        return any(
             p.requires_grad for role in (VISION, CONNECTOR) for p in modules[role].parameters()
         )
-        if has_image_inputs(inputs) or not image_parts_train:
+
+    def check_text_only_steps(self, model: nn.Module, has_text_only: bool, zero3: bool) -> None:
+        """Refuse what would train silently wrong: under ZeRO-3, text-only steps need the image
+        path (with_image_path), which a model without get_image_features cannot run."""
+        base = unwrap_base(model)
+        if has_text_only and zero3 and self.image_parts_train(base):
+            if not hasattr(base, "get_image_features"):
+                raise ValueError(
+                    f"{type(base).__name__} has no get_image_features, so a text-only batch "
+                    "leaves its trainable image parts out of the backward, which ZeRO-3 then "
+                    "steps with an earlier gradient: use ZeRO-2, freeze them "
+                    "(--freeze_mm_mlp_adapter True), or drop the text-only records"
+                )
+
+    def with_image_path(self, model, inputs, loss, processor):
+        base = unwrap_base(model)
+        if has_image_inputs(inputs) or not self.image_parts_train(base):
             return loss
-        if not hasattr(base, "get_image_features"):  # mllama: images enter by cross-attention
+        if not hasattr(base, "get_image_features"):  # refused under ZeRO-3 at start
             return loss
         return loss + image_path_of_nothing(base, blank_image_inputs(processor)).to(loss.device)
 

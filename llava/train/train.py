@@ -14,6 +14,7 @@ import transformers
 
 from llava.constants import IMAGE_END_TOKEN, IMAGE_START_TOKEN
 from llava.model.builder import build_llava_model, load_tokenizer, open_complete_model
+from llava.model.kinds import kind_of
 from llava.model.llava import PACKED_SDPA, LlavaForCausalLM, register_packed_attention
 from llava.train.arguments import (
     DataArguments,
@@ -293,6 +294,11 @@ def train_in_locked_folder(model_args, data_args, args):
     train_dataset, validation_dataset, collator = build_data(
         model, tokenizer, model_args, data_args, args, processor
     )
+    if processor is not None:
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+        has_text_only = "text" in train_dataset.modalities
+        kind_of(model).check_text_only_steps(model, has_text_only, is_deepspeed_zero3_enabled())
     preemption = PreemptionCallback()
     trainer = build_trainer(
         model,
