@@ -1,6 +1,11 @@
 """python -m llava.bench: this project's trainer against transformers' Llava + Trainer, side by side.
 
     python -m llava.bench --config small --stage all --steps 8 --warmup 2 --rounds 3
+    python -m llava.bench --config small --stage vlm --steps 8 --warmup 2 --rounds 3
+
+`--stage all` runs the LLaVA stages (pretrain, finetune, lora); `--stage vlm` (or one family:
+idefics3, qwen2_vl) fully fine-tunes a transformers image-text-to-text model and compares
+against TRL's SFTTrainer on it (llava/bench/trl_baseline.py; needs `pip install -e ".[bench]"`).
 
 Both systems train the same random weights on the same records with the same batch; each
 measured run is a fresh process, and the two systems alternate (ours, baseline, baseline,
@@ -20,7 +25,7 @@ import tempfile
 import time
 from dataclasses import asdict
 
-from llava.bench.configs import CONFIGS, STAGES, BenchConfig
+from llava.bench.configs import CONFIGS, STAGES, VLM_GROUP, VLM_STAGES, BenchConfig, system_name
 from llava.bench.runs import PACKINGS, OursOptions, RunResult
 
 RESULT_PREFIX = "BENCH-RESULT "
@@ -29,7 +34,12 @@ RESULT_PREFIX = "BENCH-RESULT "
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="small")
-    parser.add_argument("--stage", choices=[*STAGES, "all"], default="all")
+    parser.add_argument(
+        "--stage",
+        choices=[*STAGES, "all", *VLM_STAGES, VLM_GROUP],
+        default="all",
+        help=f"all: {', '.join(STAGES)}; {VLM_GROUP}: {', '.join(VLM_STAGES)} (against TRL)",
+    )
     parser.add_argument("--steps", type=int, default=8, help="measured optimizer steps")
     parser.add_argument("--warmup", type=int, default=2, help="steps before measuring")
     parser.add_argument("--rounds", type=int, default=1, help="ours/baseline pairs per stage")
@@ -86,6 +96,30 @@ def spawn(system: str, stage: str, args: argparse.Namespace, workdir: str) -> Ru
     return RunResult(**json.loads(lines[-1][len(RESULT_PREFIX) :]))
 
 
+def chosen_stages(stage: str) -> list[str]:
+    if stage == "all":
+        return list(STAGES)
+    if stage == VLM_GROUP:
+        return list(VLM_STAGES)
+    return [stage]
+
+
+def write_all_assets(workdir: str, config: BenchConfig, stages: list[str], args) -> None:
+    """The LLaVA stages' weights and data, and each image-text-to-text family's. DeepSpeed
+    prints to stdout on import and when it first picks an accelerator: sent to stderr, so
+    stdout holds the table or the JSON alone."""
+    with contextlib.redirect_stdout(sys.stderr):
+        from llava.bench.assets import write_assets
+        from llava.bench.vlm_models import write_vlm_assets
+
+        llava_stages = [stage for stage in stages if stage in STAGES]
+        families = [stage for stage in stages if stage in VLM_STAGES]
+        if llava_stages:
+            write_assets(workdir, config, llava_stages, args.warmup, args.steps)
+        if families:
+            write_vlm_assets(workdir, config, families, args.warmup, args.steps)
+
+
 def load_average() -> float:
     return os.getloadavg()[0]
 
@@ -109,7 +143,7 @@ def measure(args: argparse.Namespace, stages: list[str], workdir: str) -> list[d
 def progress_line(entry: dict) -> str:
     rate = entry["stats"]["samples"] / entry["seconds"]
     return (
-        f"  {entry['stage']:<9} round {entry['round']} {entry['system']:<8} "
+        f"  {entry['stage']:<9} round {entry['round']} {system_name(entry):<8} "
         f"{rate:7.3f} samples/s  peak +{entry['peak_memory_mib']:.0f} MiB  "
         f"load {entry['load'][0]:.1f}->{entry['load'][1]:.1f}"
     )
@@ -123,17 +157,20 @@ def main(argv: list[str] | None = None) -> None:
     from llava.bench.report import dry_run_report, summarise, table
 
     config = CONFIGS[args.config]
-    stages = list(STAGES) if args.stage == "all" else [args.stage]
+    stages = chosen_stages(args.stage)
     if args.dry_run:
         print(dry_run_report(config, stages, args.peak_tflops))
         return
-    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints to stdout on import
-        from llava.bench.assets import write_assets
+    if any(stage in VLM_STAGES for stage in stages):
+        with contextlib.redirect_stdout(sys.stderr):
+            from llava.bench.trl_baseline import NOT_INSTALLED, trl_installed
+        if not trl_installed():
+            sys.exit(NOT_INSTALLED)
 
     workdir = args.workdir or tempfile.mkdtemp(prefix=f"llava-bench-{config.name}-")
     started = time.strftime("%Y-%m-%d %H:%M")
     print(f"building weights and data in {workdir}", file=sys.stderr, flush=True)
-    write_assets(workdir, config, stages, args.warmup, args.steps)
+    write_all_assets(workdir, config, stages, args)
     records = measure(args, stages, workdir)
     summary = summarise(records, config, args.peak_tflops)
     results = {"config": config.name, "started": started, "runs": records, "summary": summary}

@@ -59,9 +59,15 @@ class Assets:
     def images(self) -> str:
         return self.path("images")
 
+    def vlm(self, family: str) -> str:
+        """A transformers image-text-to-text model of `family`, with its processor."""
+        return self.path("vlm", family)
+
     def data(self, stage: str, part: str) -> str:
-        """LLaVA JSON of a stage's `warmup` or `measure` records."""
-        return self.path(f"{'pretrain' if stage == 'pretrain' else 'finetune'}-{part}.json")
+        """LLaVA JSON of a stage's `warmup` or `measure` records (finetune and lora share theirs;
+        each image-text-to-text family has its own, sized to its image tokens)."""
+        name = "finetune" if stage == "lora" else stage
+        return self.path(f"{name}-{part}.json")
 
 
 def llama_config(config: BenchConfig) -> LlamaConfig:

@@ -5,6 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 STAGES = ("pretrain", "finetune", "lora")
+# transformers image-text-to-text families, each a stage of its own: full fine-tuning of the
+# family's model against TRL's SFTTrainer (llava/bench/vlm_models.py, trl_baseline.py).
+VLM_STAGES = ("idefics3", "qwen2_vl")
+VLM_GROUP = "vlm"  # --stage vlm: every family in VLM_STAGES
+
+
+def system_name(run: dict) -> str:
+    """How a run's system is printed: ours, baseline (transformers' Llava + Trainer) or trl."""
+    if run["system"] == "baseline" and run["stage"] in VLM_STAGES:
+        return "trl"
+    return run["system"]
 
 
 @dataclass(frozen=True)

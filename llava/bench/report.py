@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from llava.bench.configs import BenchConfig
+from llava.bench.configs import STAGES, VLM_STAGES, BenchConfig, system_name
 from llava.model.kinds import CONNECTOR, LANGUAGE_MODEL, VISION, parts_by_role
 from llava.train.stages import StagePlan, plan_stage
 from llava.train.throughput import (
@@ -59,7 +59,10 @@ def stage_plan(stage: str) -> StagePlan:
     return plan_stage(**STAGE_FLAGS[stage])
 
 
-def flop_model(stage: str, config: BenchConfig) -> FlopModel:
+def flop_model(stage: str, config: BenchConfig) -> FlopModel | None:
+    """The LLaVA stages' FLOP model; None for the image-text-to-text families (not counted)."""
+    if stage not in STAGES:
+        return None
     grads = stage_grads(stage_plan(stage), lora_rank=config.lora_r)
     return flop_model_for(llava_config(config), grads)
 
@@ -75,15 +78,15 @@ def peak_flops(config: BenchConfig, override_tflops: float | None) -> float | No
 # Measured runs -> summary.
 
 
-def figures(run: dict[str, Any], flops: FlopModel, peak: float | None) -> dict[str, float]:
+def figures(run: dict[str, Any], flops: FlopModel | None, peak: float | None) -> dict[str, float]:
     stats, seconds = run["stats"], run["seconds"]
-    rate = flops.step_flops(stats) / seconds
+    rate = flops.step_flops(stats) / seconds if flops is not None else float("nan")
     return {
         "samples_per_s": stats["samples"] / seconds,
         "tokens_per_s": stats["tokens"] / seconds,
         "peak_memory_mib": run["peak_memory_mib"],
         "tflops": rate / 1e12,
-        "mfu": rate / peak if peak else float("nan"),
+        "mfu": rate / peak if peak else float("nan"),  # nan without a FLOP model
         "padding": 1 - stats["tokens"] / max(stats["slots"], 1),
         "loss": run["loss"],
     }
@@ -126,11 +129,16 @@ def summarise(
 
 
 def check_same_work(runs: list[dict[str, Any]]) -> None:
-    """Both systems must have trained the same samples, tokens and supervised tokens."""
+    """Both systems must have trained the same samples, tokens and supervised tokens (and, for
+    the image-text-to-text families, the same number of parameters)."""
     keys = ("samples", "tokens", "supervised", "images", "squared_lengths")
     seen = {tuple(run["stats"][key] for key in keys) for run in runs}
     if len(seen) != 1:
         raise RuntimeError(f"the systems did different work: {sorted(seen)} ({keys})")
+    if runs[0]["stage"] in VLM_STAGES:
+        trained = {run["trainable_parameters"] for run in runs}
+        if len(trained) != 1:
+            raise RuntimeError(f"the systems trained different parameter counts: {trained}")
 
 
 def table(summary: dict[str, Any], config: BenchConfig, args: Any, started: str) -> str:
@@ -146,9 +154,10 @@ def table(summary: dict[str, Any], config: BenchConfig, args: Any, started: str)
     for stage, row in summary.items():
         for system in ("ours", "baseline"):
             v = row[system]
+            name = system_name({"system": system, "stage": stage})
             lines.append(
-                f"| {stage} | {system} | {v['samples_per_s']:.3f} | {v['tokens_per_s']:.0f} | "
-                f"{v['peak_memory_mib']:.0f} | {v['tflops']:.4f} | {v['mfu']:.3f} | "
+                f"| {stage} | {name} | {v['samples_per_s']:.3f} | {v['tokens_per_s']:.0f} | "
+                f"{v['peak_memory_mib']:.0f} | {number(v['tflops'], 4)} | {number(v['mfu'], 3)} | "
                 f"{v['padding']:.2f} | {v['loss']:.3f} |"
             )
     lines += ["", "| stage | speedup (samples/s) | per round | memory ours/baseline | load |"]
@@ -160,6 +169,11 @@ def table(summary: dict[str, Any], config: BenchConfig, args: Any, started: str)
             f"| {stage} | {row['speedup']:.2f}x | {rounds} | {row['memory_ratio']:.2f} | {load} |"
         )
     return "\n".join(lines)
+
+
+def number(value: float, decimals: int) -> str:
+    """A figure, or "-" where there is none (no FLOP model for the image-text-to-text stages)."""
+    return "-" if value != value else f"{value:.{decimals}f}"
 
 
 def machine() -> str:
@@ -215,6 +229,36 @@ def typical_statistics(stage: str, config: BenchConfig, samples: int = 256) -> d
 
 
 def dry_run_report(config: BenchConfig, stages: list[str], override_tflops: float | None) -> str:
+    """Shapes and FLOPs of the LLaVA stages; shapes of the image-text-to-text families."""
+    families = [stage for stage in stages if stage in VLM_STAGES]
+    stages = [stage for stage in stages if stage in STAGES]
+    lines = llava_dry_run_lines(config, stages, override_tflops) if stages else []
+    return "\n".join(lines + [vlm_dry_run_line(config, family) for family in families])
+
+
+def vlm_dry_run_line(config: BenchConfig, family: str) -> str:
+    """A family's parameters per role, from its model built on the meta device (no memory)."""
+    from llava.bench.vlm_models import FAMILIES, build_tokenizer
+
+    spec = FAMILIES[family]
+    with torch.device("meta"):
+        model, _ = spec.build(config, build_tokenizer(spec, config.vocab_size))
+    counts = {
+        role: sum(p.numel() for p in part.parameters())
+        for role, part in parts_by_role(model).items()
+    }
+    total = sum(p.numel() for p in model.parameters())
+    return (
+        f"{family} ({type(model).__name__}): {total / 1e6:.1f}M parameters (vision "
+        f"{counts[VISION] / 1e6:.1f}M, connector {counts[CONNECTOR] / 1e6:.2f}M, language model "
+        f"{counts[LANGUAGE_MODEL] / 1e6:.1f}M; Qwen2-VL's connector is inside its vision model); "
+        f"up to {spec.max_image_tokens(config)} tokens an image; no FLOP model"
+    )
+
+
+def llava_dry_run_lines(
+    config: BenchConfig, stages: list[str], override_tflops: float | None
+) -> list[str]:
     counts = parameter_counts(config)
     tower = tower_shape(llava_config(config).vision_tower_config)
     peak = peak_flops(config, override_tflops)
@@ -242,4 +286,4 @@ def dry_run_report(config: BenchConfig, stages: list[str], override_tflops: floa
             f"| {stage} | {stats['tokens']:.0f} | {stats['supervised']:.0f} | "
             f"{flops / 1e12:.2f} | {ideal:.3f} | {ideal / 0.4:.3f} |"
         )
-    return "\n".join(lines)
+    return lines

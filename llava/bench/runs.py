@@ -8,20 +8,21 @@ import importlib.util
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
 from llava.bench.assets import SELECT_LAYER, Assets
-from llava.bench.configs import BenchConfig
+from llava.bench.configs import VLM_STAGES, BenchConfig
 from llava.train.arguments import PACKINGS
 from llava.train.throughput import ThroughputMeter
 
 # LLaVA-1.5's learning rates (speed does not depend on them; a constant schedule does not
-# change over the warm-up and measured runs).
+# change over the warm-up and measured runs). The image-text-to-text families fine-tune fully.
 LEARNING_RATES = {"pretrain": 1e-3, "finetune": 2e-5, "lora": 2e-4}
+LEARNING_RATES.update({family: LEARNING_RATES["finetune"] for family in VLM_STAGES})
 LORA_DROPOUT = 0.05
 
 
@@ -65,6 +66,11 @@ class RunResult:
     loss: float
     device: str
     options: dict[str, Any] = field(default_factory=dict)
+    trainable_parameters: int = 0
+
+
+def trainable_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 class WallClock(TrainerCallback):
@@ -171,6 +177,8 @@ def ours_flags(
     assets: Assets, config: BenchConfig, stage: str, part: str, steps: int, options: OursOptions
 ) -> list[str]:
     """The command line of `llava.train.train` for the stage, as the scripts give it."""
+    if stage in VLM_STAGES:
+        return vlm_flags(assets, config, stage, part, steps, options)
     flags = {
         "--model_name_or_path": assets.llm,
         "--vision_tower": assets.clip,
@@ -204,6 +212,28 @@ def ours_flags(
     return [item for pair in flags.items() for item in pair]
 
 
+def vlm_flags(
+    assets: Assets, config: BenchConfig, family: str, part: str, steps: int, options: OursOptions
+) -> list[str]:
+    """Full fine-tuning of a family's complete model, as a user runs it: its own chat template
+    (--version auto) and processor, unpacked batches (packing is not implemented for these
+    model classes), and the vision tower training too, as in the peer's run."""
+    flags = {
+        "--model_name_or_path": assets.vlm(family),
+        "--version": "auto",
+        "--data_path": assets.data(family, part),
+        "--image_folder": assets.images,
+        "--model_max_length": str(config.model_max_length),
+        "--max_steps": str(steps),
+        "--dataloader_num_workers": str(options.dataloader_workers),
+        "--group_by_modality_length": str(options.group_by_length),
+        "--attn_implementation": options.attn_implementation,
+        "--packing": options.packing,
+        "--tune_vision_tower": "True",
+    }
+    return [item for pair in flags.items() for item in pair]
+
+
 def settings_flags(settings: dict[str, Any]) -> list[str]:
     return [item for key, value in settings.items() for item in (f"--{key}", str(value))]
 
@@ -226,13 +256,19 @@ def build_ours(assets: Assets, config: BenchConfig, stage: str, options: OursOpt
 
     register_packed_attention()
     model_args, data_args, args = arguments("warmup", 1)
-    tokenizer = load_tokenizer(model_args.model_name_or_path, args.model_max_length)
-    model, _ = entry.build_model(model_args, args)
+    model, processor = entry.build_model(model_args, args)
+    if processor is None:
+        tokenizer = load_tokenizer(model_args.model_name_or_path, args.model_max_length)
+    else:
+        entry.check_flags_for_processor_model(model_args, data_args, args)
+        tokenizer = entry.processor_tokenizer(processor, args.model_max_length)
     model, plan = entry.prepare_model(model, model_args, args)
 
     def make_trainer(part: str, steps: int, callbacks: list):
         model_args, data_args, args = arguments(part, steps)
-        dataset, _, collator = entry.build_data(model, tokenizer, model_args, data_args, args)
+        dataset, _, collator = entry.build_data(
+            model, tokenizer, model_args, data_args, args, processor
+        )
         check_untruncated(dataset)
         return entry.build_trainer(
             model,
@@ -240,7 +276,7 @@ def build_ours(assets: Assets, config: BenchConfig, stage: str, options: OursOpt
             plan,
             train_dataset=dataset,
             data_collator=collator,
-            processing_class=tokenizer,
+            processing_class=processor if processor is not None else tokenizer,
             callbacks=callbacks,
         )
 
@@ -261,8 +297,9 @@ def run_ours(
     trainer, seconds, peak, loss = timed_train(make_trainer, warmup, steps, config.device)
     stats = trainer.throughput_callback().meter.totals()
     return RunResult(
-        "ours", stage, seconds, steps, stats, peak / 2**20, loss, config.device, asdict(options)
-    )
+        "ours", stage, seconds, steps, stats, peak / 2**20, loss, config.device, asdict(options),
+        trainable_parameters(trainer.model),
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,10 +391,11 @@ def run_baseline(
     assets: Assets, config: BenchConfig, stage: str, warmup: int, steps: int
 ) -> RunResult:
     make_trainer, meter = build_baseline(assets, config, stage)
-    _, seconds, peak, loss = timed_train(make_trainer, warmup, steps, config.device)
+    trainer, seconds, peak, loss = timed_train(make_trainer, warmup, steps, config.device)
     return RunResult(
-        "baseline", stage, seconds, steps, meter.totals(), peak / 2**20, loss, config.device
-    )
+        "baseline", stage, seconds, steps, meter.totals(), peak / 2**20, loss, config.device,
+        trainable_parameters=trainable_parameters(trainer.model),
+    )  # fmt: skip
 
 
 def run(
@@ -369,10 +407,17 @@ def run(
     steps: int,
     options: OursOptions,
 ) -> RunResult:
-    """One measured run of `system` (ours | baseline) on the assets in `folder`."""
+    """One measured run of `system` (ours | baseline) on the assets in `folder`; the baseline
+    of an image-text-to-text family (VLM_STAGES) is TRL's SFTTrainer."""
     assets = Assets(folder)
     torch.manual_seed(0)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if stage in VLM_STAGES:
+        options = replace(options, packing="none")  # not implemented for these model classes
     if system == "ours":
         return run_ours(assets, config, stage, warmup, steps, options)
+    if stage in VLM_STAGES:
+        from llava.bench.trl_baseline import run_trl
+
+        return run_trl(assets, config, stage, warmup, steps)
     return run_baseline(assets, config, stage, warmup, steps)

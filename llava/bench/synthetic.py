@@ -95,12 +95,18 @@ def caption_record(index: int, sampler: TextSampler, config: BenchConfig) -> dic
     }
 
 
-def conversation_record(index: int, sampler: TextSampler, config: BenchConfig) -> dict[str, Any]:
+def conversation_record(
+    index: int, sampler: TextSampler, config: BenchConfig, image_tokens: int | None = None
+) -> dict[str, Any]:
     """1 to `max_turns` question/answer pairs that fit `model_max_length` with the image
-    (nothing is truncated, so every data path sees the same tokens)."""
+    (nothing is truncated, so every data path sees the same tokens). `image_tokens`: the most
+    tokens an image can take (default: the config's CLIP count; a processor that sizes images
+    itself, Qwen2-VL's or Idefics3's, gives its own bound)."""
     rng = sampler.rng
     num_turns = min(config.max_turns, 1 + int(rng.expovariate(0.45)))
-    budget = config.model_max_length - config.num_image_tokens - PROMPT_TOKENS
+    if image_tokens is None:
+        image_tokens = config.num_image_tokens
+    budget = config.model_max_length - image_tokens - PROMPT_TOKENS
     turns = []
     for _ in range(num_turns):
         question_words = rng.randint(4, 30)
@@ -117,11 +123,15 @@ def conversation_record(index: int, sampler: TextSampler, config: BenchConfig) -
     return record
 
 
-def make_records(stage: str, count: int, config: BenchConfig, seed: int) -> list[dict[str, Any]]:
-    """`count` LLaVA JSON records: captions for pretrain, conversations for the finetunes."""
+def make_records(
+    stage: str, count: int, config: BenchConfig, seed: int, image_tokens: int | None = None
+) -> list[dict[str, Any]]:
+    """`count` LLaVA JSON records: captions for pretrain, conversations for the finetunes (and
+    the image-text-to-text families, whose images take up to `image_tokens` tokens)."""
     sampler = TextSampler(config.vocab_size, seed)
-    make = caption_record if stage == "pretrain" else conversation_record
-    return [make(index, sampler, config) for index in range(count)]
+    if stage == "pretrain":
+        return [caption_record(index, sampler, config) for index in range(count)]
+    return [conversation_record(i, sampler, config, image_tokens) for i in range(count)]
 
 
 def write_images(folder: str, config: BenchConfig, seed: int = 0) -> None:
@@ -145,9 +155,16 @@ def write_images(folder: str, config: BenchConfig, seed: int = 0) -> None:
     load_image(os.path.join(folder, "000.jpg"))  # fails here, not in a worker, if PIL cannot
 
 
-def write_data(folder: str, stage: str, count: int, config: BenchConfig, seed: int) -> str:
+def write_data(
+    folder: str,
+    stage: str,
+    count: int,
+    config: BenchConfig,
+    seed: int,
+    image_tokens: int | None = None,
+) -> str:
     """Write `count` records of a stage as LLaVA JSON; returns the file's path."""
     path = os.path.join(folder, f"{stage}-{seed}.json")
     with open(path, "w") as f:
-        json.dump(make_records(stage, count, config, seed), f)
+        json.dump(make_records(stage, count, config, seed, image_tokens), f)
     return path
