@@ -207,3 +207,20 @@ def test_a_text_only_batch_still_reaches_the_trainable_image_parts(family, tiny_
     connector = kind.part_modules(model)[CONNECTOR]
     grads = [p.grad for p in connector.parameters()]
     assert grads and all(g is not None and not g.any() for g in grads)
+
+
+def test_a_model_without_image_features_is_refused_where_zero3_would_misstep(tiny_vlm_paths):
+    """mllama's images enter by cross-attention; with trainable image parts, text-only samples
+    under ZeRO-3 are refused at start (ZeRO-2, or no text-only samples, or frozen parts pass)."""
+    if "mllama" not in tiny_vlm_paths:
+        pytest.skip("mllama is not built on this transformers line")
+    model, _ = load_image_text_to_text(tiny_vlm_paths["mllama"])
+    assert not hasattr(model, "get_image_features")
+    kind = kind_of(model)
+    apply_stage(model, plan_stage())
+    with pytest.raises(ValueError, match="no get_image_features.*use ZeRO-2"):
+        kind.check_text_only_steps(model, has_text_only=True, zero3=True)
+    kind.check_text_only_steps(model, has_text_only=True, zero3=False)
+    kind.check_text_only_steps(model, has_text_only=False, zero3=True)
+    apply_stage(model, plan_stage(freeze_mm_mlp_adapter=True))
+    kind.check_text_only_steps(model, has_text_only=True, zero3=True)
