@@ -29,7 +29,8 @@ setup(
     ],
     extras_require={
         "habana": ["optimum-habana>=1.21,<1.22"],
-        "dev": ["pytest>=8", "ruff>=0.6", "scikit-learn", "matplotlib"],
+        # num2words: SmolVLM's processor imports it (the tiny SmolVLM in the tests needs it).
+        "dev": ["pytest>=8", "ruff>=0.6", "scikit-learn", "matplotlib", "num2words"],
         # `python -m llava.bench --stage vlm` compares against TRL's SFTTrainer. Kept out of
         # dev: TRL needs transformers>=4.56.2, which the habana line (4.55) cannot have; the
         # benchmark says so when it is missing and its tests skip.

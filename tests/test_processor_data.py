@@ -29,7 +29,7 @@ from llava.data.processor_collator import (
     pad_and_stack,
 )
 from llava.data.processor_media import ProcessorDataset, ProcessorMedia
-from tests.fixtures.tiny_vlms import VLM_FAMILIES, tiny_image
+from tests.fixtures.tiny_vlms import PROMPT_FAMILIES, VLM_FAMILIES, tiny_image
 
 # (width, height): different token counts on Qwen2-VL, different tiles on Idefics3
 SIZES = ((40, 70), (90, 30))
@@ -61,9 +61,11 @@ MESSAGES = [
 END_OF_TURN = {
     "llava": "</s>",
     "idefics3": "<end_of_utterance>",
+    "smolvlm": "<end_of_utterance>",
     "qwen2_vl": "<|im_end|>",
     "qwen3_vl": "<|im_end|>",
     "gemma3": "<end_of_turn>",
+    "gemma4": "<turn|>",
 }
 
 families = pytest.mark.parametrize("family", VLM_FAMILIES)
@@ -152,6 +154,20 @@ def test_blank_image_expansion_equals_the_real_images(family, processors):
         encoded = media.encoder.encode_raw([expansion.lead, expansion.trail])
         ids = media.after_prefix(real["input_ids"][0].tolist())
         assert ids == [*encoded[0], *expansion.ids, *encoded[1]]
+
+
+@pytest.mark.parametrize("family", PROMPT_FAMILIES)
+@pytest.mark.parametrize("version", ["auto", "vicuna_v1"])
+def test_a_processor_without_a_chat_template_is_refused_naming_it(
+    family, version, processors, image_files
+):
+    """PaliGemma's processor takes a bare prompt (no chat template, as its real checkpoints):
+    its images cannot be placed in a conversation, and the error says what is missing."""
+    processor = processors[family]
+    record = Record(TURNS, tuple(image_files), "mem", 0)
+    name = type(processor).__name__
+    with pytest.raises(ValueError, match=f"{name} has no chat_template .*bare prompt"):
+        ProcessorDataset([record], processor, version, 2048)
 
 
 # -- golden tests against each family's processor ----------------------------------------------

@@ -8,22 +8,28 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from tests.fixtures.tiny_vlms import VLM_FAMILIES, tiny_image
+from tests.fixtures.tiny_vlms import PROMPT_FAMILIES, VLM_FAMILIES, tiny_image
 
 IMAGE_MARKERS = {
     "llava": "<image>",
     "idefics3": "<image>",
+    "smolvlm": "<image>",
     "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>",
     "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>",
     "qwen3_vl": "<|vision_start|><|image_pad|><|vision_end|>",
     "qwen3_5": "<|vision_start|><|image_pad|><|vision_end|>",
     "gemma3": "<start_of_image>",
+    "gemma4": "<|image|>",
     "llava_next": "<image>",
     "internvl": "<IMG_CONTEXT>",
     "mllama": "<|image|>",
 }
+# The prompt-only families' processor inputs: a bare prompt (and the text to learn), no chat.
+PROMPTS = {
+    "paligemma": dict(text="<image>What is in the picture?", suffix="A red car on the road."),
+}
 # Families whose template writes BOS itself: the tokenizer must not add a second one.
-TEMPLATE_WRITES_BOS = {"gemma3", "mllama"}
+TEMPLATE_WRITES_BOS = {"gemma3", "gemma4", "mllama"}
 
 MESSAGES = [
     {
@@ -68,6 +74,29 @@ def test_tiny_vlm_round_trip(tiny_vlm_paths, family):
     with torch.no_grad():
         loss = model(**batch, labels=batch["input_ids"]).loss
         assert torch.isfinite(loss)
+        generated = model.generate(**batch, max_new_tokens=3, do_sample=False)
+    assert generated.shape[1] <= batch["input_ids"].shape[1] + 3
+
+
+@pytest.mark.parametrize("family", PROMPT_FAMILIES)
+def test_a_prompt_only_vlm_takes_a_bare_prompt(tiny_vlm_paths, family):
+    """PaliGemma as its real checkpoints are: no chat template; the processor writes the image
+    tokens and BOS before the prompt, and labels the suffix only (its token_type_ids)."""
+    model, processor = load(tiny_vlm_paths[family])
+    assert processor.chat_template is None and processor.tokenizer.chat_template is None
+    prompt = PROMPTS[family]
+    batch = processor(
+        text=[prompt["text"]],
+        images=[[tiny_image((56, 56))]],
+        suffix=[prompt["suffix"]],
+        return_tensors="pt",
+    )
+    assert image_token_count(model, batch) > 0
+    learnt = batch["labels"][0][batch["labels"][0] != -100]
+    assert processor.tokenizer.decode(learnt) == prompt["suffix"] + processor.tokenizer.eos_token
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).loss)
+        del batch["labels"]
         generated = model.generate(**batch, max_new_tokens=3, do_sample=False)
     assert generated.shape[1] <= batch["input_ids"].shape[1] + 3
 

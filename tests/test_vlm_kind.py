@@ -30,7 +30,7 @@ from llava.model.kinds import (
 )
 from llava.train.lora import add_lora
 from llava.train.stages import apply_stage, plan_stage, trainable_table
-from tests.fixtures.tiny_vlms import VLM_FAMILIES, tiny_image
+from tests.fixtures.tiny_vlms import PROMPT_FAMILIES, VLM_FAMILIES, tiny_image
 
 # The parts each family's structure gives, by role (the golden names: transformers' own).
 EXPECTED_PARTS = {
@@ -51,11 +51,14 @@ EXPECTED_PARTS = {
         ("model.multi_modal_projector", "model.image_newline"),
         "model.language_model",
     ),
+    "gemma4": ("model.vision_tower", "model.embed_vision", "model.language_model"),
     "paligemma": ("model.vision_tower", "model.multi_modal_projector", "model.language_model"),
     "mllama": ("model.vision_model", "model.multi_modal_projector", "model.language_model"),
     "internvl": ("model.vision_tower", "model.multi_modal_projector", "model.language_model"),
 }
-FAMILIES = [family for family in VLM_FAMILIES if family in EXPECTED_PARTS]
+FAMILIES = [family for family in VLM_FAMILIES + PROMPT_FAMILIES if family in EXPECTED_PARTS]
+# The prompt-only families (no chat template) take a bare prompt, and a suffix to learn.
+PROMPTS = {"paligemma": dict(text="<image>What is it?", suffix="A square of noise.")}
 
 
 def as_names(value) -> tuple[str, ...]:
@@ -69,7 +72,16 @@ def opened(tiny_vlm_paths):
 
 
 def two_turn_batch(processor, family: str) -> dict[str, torch.Tensor]:
-    """A one-image, two-answer conversation through the family's processor (its own ids)."""
+    """A one-image, two-answer conversation through the family's processor (its own ids);
+    for a prompt-only family, its prompt and suffix (without the processor's labels)."""
+    if family in PROMPTS:
+        batch = processor(
+            text=[PROMPTS[family]["text"]],
+            images=[[tiny_image((56, 40), seed=1)]],
+            suffix=[PROMPTS[family]["suffix"]],
+            return_tensors="pt",
+        )
+        return {key: value for key, value in batch.items() if key != "labels"}
     messages = [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
         {"role": "assistant", "content": [{"type": "text", "text": "A square of noise."}]},

@@ -67,8 +67,19 @@ def find_placeholder(processor: Any, encoder: TextEncoder) -> str:
     """The text the processor's chat template writes for one image part.
 
     A user turn is rendered with and without an image after its text; the placeholder is what
-    the image adds. A template that changes anything else when an image is added is refused.
+    the image adds. A template that changes anything else when an image is added is refused,
+    and so is a processor without a chat template (one that takes a bare prompt).
     """
+    templates = (
+        getattr(owner, "chat_template", None) for owner in (processor, processor.tokenizer)
+    )
+    if not any(templates):
+        raise ValueError(
+            f"{type(processor).__name__} has no chat_template (nor has its tokenizer): "
+            "conversations and their images are placed where the processor's chat template "
+            "renders them, so a processor that takes a bare prompt (and a suffix to learn) "
+            "cannot train or answer here"
+        )
     without = units(apply_parts_template(processor, [Turn(USER, PROBE_TEXT)], False), encoder)
     with_image = apply_parts_template(processor, [Turn(USER, PROBE_TEXT + IMAGE_TOKEN)], False)
     with_image = units(with_image, encoder)

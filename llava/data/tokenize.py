@@ -106,6 +106,11 @@ class TextEncoder:
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         if backend is None:
             return self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+        if backend.padding is not None or backend.truncation is not None:
+            # a processor's call leaves them set (Gemma 4's pads by default); the tokenizer's
+            # own __call__ sets both again each time, so clearing them here changes nothing else
+            backend.no_padding()
+            backend.no_truncation()
         encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
         return [encoding.ids for encoding in encode(texts, add_special_tokens=False)]
 
