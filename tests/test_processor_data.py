@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from llava.compat import TRANSFORMERS_5
 from llava.constants import IGNORE_INDEX
 from llava.conversation import ASSISTANT, USER, Turn, content_parts
 from llava.data.dataset import build_supervised_data, split_for_validation
@@ -28,8 +29,15 @@ from llava.data.processor_collator import (
     batching_rules,
     pad_and_stack,
 )
-from llava.data.processor_media import ProcessorDataset, ProcessorMedia
-from tests.fixtures.tiny_vlms import PROMPT_FAMILIES, VLM_FAMILIES, tiny_image
+from llava.data.processor_media import (
+    ProcessorDataset,
+    ProcessorMedia,
+    PromptSuffixDataset,
+    find_placeholder,
+    is_prompt_suffix,
+)
+from llava.model.image_text_to_text import gathered_loss, loss_inputs
+from tests.fixtures.tiny_vlms import PROMPT_FAMILIES, VLM_FAMILIES, save_tiny_vlm, tiny_image
 
 # (width, height): different token counts on Qwen2-VL, different tiles on Idefics3
 SIZES = ((40, 70), (90, 30))
@@ -157,17 +165,31 @@ def test_blank_image_expansion_equals_the_real_images(family, processors):
 
 
 @pytest.mark.parametrize("family", PROMPT_FAMILIES)
-@pytest.mark.parametrize("version", ["auto", "vicuna_v1"])
-def test_a_processor_without_a_chat_template_is_refused_naming_it(
-    family, version, processors, image_files
-):
-    """PaliGemma's processor takes a bare prompt (no chat template, as its real checkpoints):
-    its images cannot be placed in a conversation, and the error says what is missing."""
+def test_a_prompt_suffix_processor_is_not_placed_in_a_conversation(family, processors, image_files):
+    """PaliGemma's processor has no chat template (as its real checkpoints): it cannot place
+    images in a conversation, and the error names it and where it does train."""
     processor = processors[family]
     record = Record(TURNS, tuple(image_files), "mem", 0)
     name = type(processor).__name__
-    with pytest.raises(ValueError, match=f"{name} has no chat_template .*bare prompt"):
-        ProcessorDataset([record], processor, version, 2048)
+    with pytest.raises(ValueError, match=f"{name} has no chat_template .*PromptSuffixDataset"):
+        ProcessorDataset([record], processor, "auto", 2048)
+    with pytest.raises(ValueError, match="--version auto, not vicuna_v1"):
+        PromptSuffixDataset([record], processor, "vicuna_v1", 2048)
+
+
+def test_a_processor_without_chat_template_or_suffix_is_refused():
+    """A bare-prompt processor that takes no suffix has nothing to learn from: refused."""
+
+    class BarePromptProcessor:  # a stand-in: no such processor is built here
+        chat_template = None
+        tokenizer = SimpleNamespace(chat_template=None)
+
+        def __call__(self, text=None, images=None, **kwargs):
+            raise AssertionError("never called")
+
+    assert not is_prompt_suffix(BarePromptProcessor())
+    with pytest.raises(ValueError, match="BarePromptProcessor has no chat_template .* no suffix"):
+        find_placeholder(BarePromptProcessor(), None)
 
 
 # -- golden tests against each family's processor ----------------------------------------------
@@ -405,3 +427,128 @@ def test_dataset_pickles_for_loader_workers(processors, image_files):
     dataset = make_dataset(processors[family], [Record(TURNS, tuple(image_files), "mem", 0)])
     copy = pickle.loads(pickle.dumps(dataset))
     assert copy[0]["input_ids"].tolist() == dataset[0]["input_ids"].tolist()
+
+
+# -- prompt + suffix processors (PaliGemma's) -----------------------------------------------------
+prompt_families = pytest.mark.parametrize("family", PROMPT_FAMILIES)
+QUESTION = "What is in the picture?"
+
+
+def one_turn(images: tuple[str, ...], index: int = 0, answer: str = ANSWERS[0]) -> Record:
+    return Record(
+        (Turn(USER, "<image>\n" + QUESTION), Turn(ASSISTANT, answer)), images, "mem", index
+    )
+
+
+@prompt_families
+def test_prompt_suffix_ids_and_labels_are_the_processors(family, processors, image_files):
+    processor = processors[family]
+    assert is_prompt_suffix(processor)
+    dataset = load_prompt_suffix(processor, [one_turn(tuple(image_files[:1]))])
+    sample = dataset[0]
+    theirs = processor(
+        text=[QUESTION], images=[opened(image_files[:1])], suffix=[ANSWERS[0]], return_tensors="pt"
+    )
+    assert sample["input_ids"].tolist() == theirs["input_ids"][0].tolist()
+    assert sample["labels"].tolist() == theirs["labels"][0].tolist()
+    assert sample["token_type_ids"].tolist() == theirs["token_type_ids"].tolist()
+    torch.testing.assert_close(sample["pixel_values"], theirs["pixel_values"])
+    eos = processor.tokenizer.eos_token
+    assert supervised_texts(processor.tokenizer, sample) == [ANSWERS[0] + eos]
+
+
+def load_prompt_suffix(processor, records, max_length: int = 2048, **kwargs):
+    dataset = PromptSuffixDataset(records, processor, "auto", max_length, **kwargs)
+    assert isinstance(dataset, ProcessorDataset)
+    return dataset
+
+
+@prompt_families
+def test_prompt_suffix_lengths_at_construction_are_the_loaded_lengths(
+    family, processors, image_files
+):
+    records = [
+        one_turn(tuple(image_files[:1]), 0),
+        one_turn(tuple(image_files[1:]), 1, ANSWERS[1]),
+        one_turn(tuple(image_files), 2),
+    ]
+    dataset = load_prompt_suffix(processors[family], records)
+    assert dataset.lengths == [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
+    assert dataset.modalities == ["image"] * 3
+
+
+@prompt_families
+def test_prompt_suffix_takes_single_turn_records_only(family, processors, image_files):
+    processor = processors[family]
+    images = tuple(image_files)
+    with pytest.raises(BadRecordError, match=r"mem record 0: a prompt\+suffix processor takes one"):
+        load_prompt_suffix(processor, [Record(TURNS, images, "mem", 0)])
+    system = Record(
+        (Turn("system", "Be brief."), *one_turn(images[:1]).turns), images[:1], "mem", 1
+    )
+    no_answer = Record((Turn(USER, "<image>\nWhat?"),), images[:1], "mem", 2)
+    empty = Record((Turn(USER, "<image>\nWhat?"), Turn(ASSISTANT, "")), images[:1], "mem", 3)
+    text_only = Record((Turn(USER, "Hi?"), Turn(ASSISTANT, "Hello.")), (), "mem", 4)
+    records = [Record(TURNS, images, "mem", 0), system, no_answer, empty, text_only]
+    dataset = load_prompt_suffix(
+        processor, [*records, one_turn(images[:1], 5)], skip_bad_records=True
+    )
+    assert len(dataset) == 1 and dataset.summary.skipped_bad == 5
+    assert all("prompt+suffix processor takes one" in r for r in dataset.summary.reasons[:4])
+
+
+@prompt_families
+def test_prompt_suffix_longer_than_max_length_is_dropped(family, processors, image_files):
+    record = one_turn(tuple(image_files[:1]))
+    full = load_prompt_suffix(processors[family], [record]).lengths[0]
+    dataset = load_prompt_suffix(processors[family], [record, record], max_length=full - 1)
+    assert len(dataset) == 0 and dataset.summary.dropped_too_long == 2
+    assert load_prompt_suffix(processors[family], [record], max_length=full).lengths == [full]
+
+
+@prompt_families
+def test_prompt_suffix_batch_loss_is_the_models_own(
+    family, processors, image_files, tiny_vlm_paths
+):
+    """A collated batch (both padding sides) gives the model's own loss through the trainer's
+    gathered loss (labels kept out of the forward, the prefix mask from token_type_ids)."""
+    processor = processors[family]
+    records = [one_turn(tuple(image_files[:1]), 0), one_turn(tuple(image_files), 1, ANSWERS[1])]
+    dataset = load_prompt_suffix(processor, records)
+    rules = batching_rules(dataset.media)
+    assert rules == {"token_type_ids": SEQUENCE, "pixel_values": IMAGES}
+    model = AutoModelForImageTextToText.from_pretrained(tiny_vlm_paths[family]).eval()
+    for padding_side in ("right", "left"):
+        collator = ProcessorCollator(processor.tokenizer.pad_token_id, rules, padding_side)
+        batch = collator([dataset[0], dataset[1]])
+        with torch.no_grad():
+            own = model(**batch).loss
+            inputs = loss_inputs(model, batch)
+            labels = inputs.pop("labels")
+            ours = gathered_loss(model(**inputs), labels)
+        assert torch.isfinite(own), padding_side
+        torch.testing.assert_close(ours, own, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(TRANSFORMERS_5, reason="4.x only")
+def test_a_prompt_suffix_processor_is_refused_on_4x(tmp_path, image_files):
+    """4.55's PaliGemma masks its prefix only when given labels (kept out of the forward)."""
+    processor = AutoProcessor.from_pretrained(save_tiny_vlm("paligemma", str(tmp_path)))
+    assert is_prompt_suffix(processor)
+    with pytest.raises(ValueError, match="transformers 5.x only"):
+        load_prompt_suffix(processor, [one_turn(tuple(image_files[:1]))])
+
+
+@prompt_families
+def test_build_supervised_data_with_a_prompt_suffix_processor(
+    family, processors, image_files, tmp_path
+):
+    processor = processors[family]
+    data_args = write_data(tmp_path, image_files)  # a two-turn, a one-turn and a text-only row
+    dataset, collator = build_supervised_data(
+        processor.tokenizer, data_args=data_args, version="auto", processor=processor
+    )
+    assert isinstance(dataset, PromptSuffixDataset) and isinstance(collator, ProcessorCollator)
+    assert dataset.summary.kept == 1 and dataset.summary.skipped_bad == 2
+    batch = collator([dataset[0]])
+    assert batch["token_type_ids"].shape == batch["input_ids"].shape

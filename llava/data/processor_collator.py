@@ -1,7 +1,8 @@
 """Batching a transformers processor's samples: each output padded or concatenated by its shape.
 
 A processor's outputs batch in one of three ways, read from its outputs on probe samples
-(text-only, one image, two images) rather than from the family's name:
+(text-only, where the processor takes one, one image, two images) rather than from the
+family's name:
 
 - SEQUENCE: (1, T, ...) per sample, aligned with input_ids (token_type_ids, mm_token_type_ids,
   mllama's cross_attention_mask): padded with zeros along T as the input_ids are, and stacked;
@@ -17,20 +18,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from PIL import Image
 
 from llava.data.collator import SupervisedCollator
 
 PROBE_TEXT = "probe"  # text of the probe samples (and of the placeholder probe)
 PROBE_SIZE = (64, 48)  # blank images the batching rules are read from
 SEQUENCE, IMAGES, PER_SAMPLE = "sequence", "images", "per_sample"
-OWN_KEYS = ("input_ids", "attention_mask")  # built by the collator, not taken from the processor
+# built by the collator (labels from the samples' own), not batched from the processor's outputs
+OWN_KEYS = ("input_ids", "attention_mask", "labels")
 
 
-def batching_rule(key: str, probes: list[dict[str, torch.Tensor]]) -> str:
-    """How output `key` batches, from the processor's outputs on a text-only, a one-image and a
-    two-image probe (in that order, same-size images)."""
-    present = [(p[key], p["input_ids"].shape[1]) for p in probes if key in p]
+def batching_rule(key: str, probes: list[dict[str, torch.Tensor] | None]) -> str:
+    """How output `key` batches, from the processor's outputs on a text-only (None where the
+    processor takes none), a one-image and a two-image probe (in that order, same-size images)."""
+    present = [(p[key], p["input_ids"].shape[1]) for p in probes if p is not None and key in p]
     if all(v.ndim >= 2 and v.shape[0] == 1 and v.shape[1] == length for v, length in present):
         return SEQUENCE
     one, two = probes[1].get(key), probes[2].get(key)
@@ -44,15 +45,12 @@ def batching_rule(key: str, probes: list[dict[str, torch.Tensor]]) -> str:
 
 def batching_rules(media: Any) -> dict[str, str]:
     """Each processor output's batching rule, read from its shapes on three probe samples;
-    `media` is a llava.data.processor_media.ProcessorMedia (the processor and its placeholder)."""
-    blank = Image.new("RGB", PROBE_SIZE)
-    placeholder = media.placeholder
-    probes = [
-        media(PROBE_TEXT, [], add_special_tokens=False),
-        media(PROBE_TEXT + placeholder, [blank], add_special_tokens=False),
-        media(PROBE_TEXT + placeholder * 2, [blank, blank], add_special_tokens=False),
-    ]
-    keys = dict.fromkeys(key for probe in probes for key in probe if key not in OWN_KEYS)
+    `media` (llava.data.processor_media's ProcessorMedia or PromptSuffixMedia) makes them from
+    blank images of PROBE_SIZE: `media.probes()`."""
+    probes = media.probes()
+    keys = dict.fromkeys(
+        key for probe in probes if probe is not None for key in probe if key not in OWN_KEYS
+    )
     return {key: batching_rule(key, probes) for key in keys}
 
 

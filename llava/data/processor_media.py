@@ -15,11 +15,17 @@ writes each image into the text as a run of tokens whose number depends on the i
   input (pixel_values, image_grid_thw, pixel_attention_mask, token_type_ids, ...), and its
   input_ids must equal the ids built turn by turn;
 - `ProcessorCollator` (llava.data.processor_collator) pads and batches those inputs.
+
+A processor without a chat template whose `__call__` takes `suffix=` (PaliGemma's: a prompt, and
+the text to learn after it) trains on single-turn records through `PromptSuffixDataset`: one
+processor call per sample gives its ids, labels and model inputs.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,13 +33,16 @@ from typing import Any
 import torch
 from PIL import Image
 
-from llava.constants import IMAGE_TOKEN
+from llava.compat import TRANSFORMERS_5
+from llava.constants import IGNORE_INDEX, IMAGE_TOKEN
 from llava.conversation import (
+    ASSISTANT,
     USER,
     ChatTemplate,
     Segment,
     Turn,
     apply_parts_template,
+    content_parts,
     get_template,
     render_auto,
 )
@@ -41,11 +50,20 @@ from llava.data.collator import pad_token_id_of
 from llava.data.dataset import DataSummary, SupervisedDataset
 from llava.data.formats import BadRecordError, Record, load_records
 from llava.data.images import DEFAULT_MAX_IMAGE_PIXELS, load_image, read_size
-from llava.data.processor_collator import OWN_KEYS, PROBE_TEXT, ProcessorCollator, batching_rules
+from llava.data.processor_collator import (
+    OWN_KEYS,
+    PROBE_SIZE,
+    PROBE_TEXT,
+    ProcessorCollator,
+    batching_rules,
+)
 from llava.data.tokenize import (
+    KEPT,
+    TOO_LONG,
     ConversationTokenizer,
     EncodedConversation,
     TextEncoder,
+    TokenizedSample,
     fit,
     starts_with_bos,
 )
@@ -63,6 +81,38 @@ def units(text: str, encoder: TextEncoder) -> list[str]:
     ]
 
 
+def has_chat_template(processor: Any) -> bool:
+    owners = (processor, processor.tokenizer)
+    return any(getattr(owner, "chat_template", None) for owner in owners)
+
+
+def declared_keys(annotation: Any) -> set[str]:
+    """The keys a TypedDict declares, those of the TypedDicts it holds included."""
+    if not typing.is_typeddict(annotation):
+        return set()
+    hints = annotation.__annotations__
+    return set(hints).union(*(declared_keys(hint) for hint in hints.values()))
+
+
+def takes_suffix(processor: Any) -> bool:
+    """Whether the processor's `__call__` takes `suffix=`, text to learn after the prompt: a
+    parameter (5.x) or a key of its `**kwargs: Unpack[...Kwargs]` (4.x PaliGemma's)."""
+    parameters = inspect.signature(processor.__call__).parameters.values()
+    for parameter in parameters:
+        if parameter.name == "suffix":
+            return True
+        if parameter.kind is parameter.VAR_KEYWORD:
+            unpacked = typing.get_args(parameter.annotation)
+            if any("suffix" in declared_keys(annotation) for annotation in unpacked):
+                return True
+    return False
+
+
+def is_prompt_suffix(processor: Any) -> bool:
+    """A processor without a chat template that takes a prompt and a suffix (PaliGemma's)."""
+    return not has_chat_template(processor) and takes_suffix(processor)
+
+
 def find_placeholder(processor: Any, encoder: TextEncoder) -> str:
     """The text the processor's chat template writes for one image part.
 
@@ -70,15 +120,19 @@ def find_placeholder(processor: Any, encoder: TextEncoder) -> str:
     the image adds. A template that changes anything else when an image is added is refused,
     and so is a processor without a chat template (one that takes a bare prompt).
     """
-    templates = (
-        getattr(owner, "chat_template", None) for owner in (processor, processor.tokenizer)
-    )
-    if not any(templates):
+    if not has_chat_template(processor):
+        name = type(processor).__name__
+        if takes_suffix(processor):
+            raise ValueError(
+                f"{name} has no chat_template (nor has its tokenizer): it takes a bare prompt "
+                "and a suffix to learn, so it trains on single-turn records (PromptSuffixDataset, "
+                "--version auto) but cannot place images in a conversation"
+            )
         raise ValueError(
-            f"{type(processor).__name__} has no chat_template (nor has its tokenizer): "
-            "conversations and their images are placed where the processor's chat template "
-            "renders them, so a processor that takes a bare prompt (and a suffix to learn) "
-            "cannot train or answer here"
+            f"{name} has no chat_template (nor has its tokenizer) and its __call__ takes no "
+            "suffix: conversations and their images are placed where the processor's chat "
+            "template renders them, so a processor that takes a bare prompt cannot train or "
+            "answer here"
         )
     without = units(apply_parts_template(processor, [Turn(USER, PROBE_TEXT)], False), encoder)
     with_image = apply_parts_template(processor, [Turn(USER, PROBE_TEXT + IMAGE_TOKEN)], False)
@@ -135,6 +189,16 @@ class ProcessorMedia:
             return_tensors="pt",
         )
         return dict(outputs)
+
+    def probes(self) -> list[dict[str, torch.Tensor]]:
+        """The processor's outputs on a text-only, a one-image and a two-image probe (blank
+        images), which `batching_rules` reads."""
+        blank = Image.new("RGB", PROBE_SIZE)
+        return [
+            self(PROBE_TEXT, [], add_special_tokens=False),
+            self(PROBE_TEXT + self.placeholder, [blank], add_special_tokens=False),
+            self(PROBE_TEXT + self.placeholder * 2, [blank, blank], add_special_tokens=False),
+        ]
 
     def expansion(self, size: Size) -> ImageExpansion:
         """The ids of an image of `size` (width, height), from a blank image of that size.
@@ -407,6 +471,152 @@ class ProcessorDataset(SupervisedDataset):
         raise BadRecordError(record.source, record.index, reason, record.id)
 
 
+# -- prompt + suffix processors (PaliGemma's) ------------------------------------------------------
+ONE_TURN = "a prompt+suffix processor takes one user turn and one answer"
+
+
+def prompt_and_answer(turns: Sequence[Turn]) -> tuple[str, str]:
+    """(prefix, suffix) of a single-turn record: the user's text without its <image> tags (such
+    processors place the images themselves) and the answer. Anything else raises ValueError."""
+    roles = [turn.role for turn in turns]
+    if roles != [USER, ASSISTANT] or not turns[1].text.strip():
+        raise ValueError(f"{ONE_TURN}; this record's turns are {roles}")
+    parts = content_parts(turns[0].text)
+    prefix = "".join(part["text"] for part in parts if part["type"] == "text").strip()
+    return prefix, turns[1].text
+
+
+class PromptSuffixMedia:
+    """A processor that takes a prompt, its images and a suffix to learn, as model inputs.
+
+    One call gives the ids, the labels (the prompt masked, the suffix and EOS supervised) and
+    every model input (pixel_values, token_type_ids: 1 on the suffix).
+    """
+
+    def __init__(self, processor: Any):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.blanks: dict[Size, Image.Image] = {}
+
+    def __call__(
+        self, prefix: str, images: Sequence[Image.Image], suffix: str
+    ) -> dict[str, torch.Tensor]:
+        """The processor's outputs for one sample (leading dim 1, or the image count)."""
+        # the processor's image tokens in front, where it places images (it warns without them)
+        image_token = getattr(self.processor, "image_token", None) or ""
+        outputs = self.processor(
+            text=[image_token * len(images) + prefix],
+            images=[list(images)] if images else None,
+            suffix=[suffix],
+            return_tensors="pt",
+        )
+        return dict(outputs)
+
+    def blank(self, size: Size) -> Image.Image:
+        if size not in self.blanks:
+            self.blanks[size] = Image.new("RGB", size)
+        return self.blanks[size]
+
+    def length(self, prefix: str, sizes: Sequence[Size], suffix: str) -> int:
+        """The sample's number of ids, from blank images of its images' sizes: the ids depend on
+        the sizes alone (PaliGemma writes image_seq_length tokens for any image)."""
+        blanks = [self.blank(size) for size in sizes]
+        return self(prefix, blanks, suffix)["input_ids"].shape[1]
+
+    def probes(self) -> list[dict[str, torch.Tensor] | None]:
+        """No text-only probe (the processor needs images), a one-image and a two-image one."""
+        blank = self.blank(PROBE_SIZE)
+        return [
+            None,
+            self(PROBE_TEXT, [blank], PROBE_TEXT),
+            self(PROBE_TEXT, [blank] * 2, PROBE_TEXT),
+        ]
+
+
+class PromptSuffixDataset(ProcessorDataset):
+    """Single-turn records -> {"input_ids" (T,), "labels" (T,), and the processor's other outputs}
+    through a prompt+suffix processor (`is_prompt_suffix`).
+
+    Other records (several turns, a system turn, no answer, none of the images the processor
+    needs) are bad records. A sample longer than model_max_length is dropped, never cut: the
+    processor writes the whole answer and its EOS.
+    """
+
+    def __init__(
+        self,
+        records: list[Record],
+        processor: Any,
+        template: ChatTemplate | str,
+        model_max_length: int,
+        skip_bad_records: bool = False,
+        summary: DataSummary | None = None,
+        skipped: Sequence[BadRecordError] = (),
+        skip_log_dir: str | None = None,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    ):
+        if not TRANSFORMERS_5:
+            raise ValueError(
+                "a prompt+suffix processor trains on transformers 5.x only: on 4.x PaliGemma's "
+                "forward masks the prefix from its labels alone, which the trainer keeps out of "
+                "the forward, so a training step would see the answers"
+            )
+        template = get_template(template) if isinstance(template, str) else template
+        if not template.uses_tokenizer_template:
+            raise ValueError(
+                f"{type(processor).__name__} takes a bare prompt and a suffix, written by no "
+                f"chat template: pass --version auto, not {template.name}"
+            )
+        self.processor = processor
+        self.media = PromptSuffixMedia(processor)
+        SupervisedDataset.__init__(
+            self,
+            records,
+            processor.tokenizer,
+            template,
+            model_max_length,
+            skip_bad_records=skip_bad_records,
+            summary=summary,
+            skipped=skipped,
+            skip_log_dir=skip_log_dir,
+            max_image_pixels=max_image_pixels,
+        )
+
+    def add_block(self, records: list[Record]) -> None:
+        """Measure each record with blank images of its images' header sizes."""
+        for record in records:
+            try:
+                prefix, answer = prompt_and_answer(record.turns)
+                length = self.media.length(prefix, self.sizes(record), answer)
+            except ValueError as error:  # BadRecordError included
+                reason = getattr(error, "reason", str(error))
+                self.bad(BadRecordError(record.source, record.index, reason, record.id))
+                continue
+            if length > self.model_max_length:
+                self.add(record, None, TOO_LONG)
+            else:  # `add` reads the length and image count; the ids are made when loaded
+                ids = [IGNORE_INDEX] * length
+                self.add(record, TokenizedSample(ids, ids, len(record.images)), KEPT)
+
+    def load(self, i: int) -> dict[str, torch.Tensor]:
+        record, num_images = self.samples[i]
+        prefix, answer = prompt_and_answer(record.turns)
+        images = self.decode_images(record, num_images)
+        try:
+            inputs = self.media(prefix, images, answer)
+        except ValueError as error:
+            raise BadRecordError(record.source, record.index, str(error), record.id) from None
+        input_ids = inputs.pop("input_ids")[0]  # (T,)
+        if len(input_ids) != self.lengths[i]:
+            reason = (
+                f"the processor gives {len(input_ids)} ids for its decoded images, "
+                f"{self.lengths[i]} for blank images of their header sizes"
+            )
+            raise BadRecordError(record.source, record.index, reason, record.id)
+        labels = inputs.pop("labels")[0]  # (T,)
+        extras = {key: value for key, value in inputs.items() if key not in OWN_KEYS}
+        return {"input_ids": input_ids, "labels": labels, **extras}
+
+
 # -- entry --------------------------------------------------------------------------------------
 def load_processor_dataset(
     data_path: str,
@@ -420,12 +630,14 @@ def load_processor_dataset(
     skip_log_dir: str | None = None,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> ProcessorDataset:
-    """Read a data path (any supported format) into a ProcessorDataset."""
+    """Read a data path (any supported format) into a ProcessorDataset (a PromptSuffixDataset
+    for a processor that takes a prompt and a suffix)."""
     template = get_template(version)
     loaded = load_records(
         data_path, image_folder, dataset_text_field, dataset_image_field, skip_bad_records
     )
-    return ProcessorDataset(
+    dataset_class = PromptSuffixDataset if is_prompt_suffix(processor) else ProcessorDataset
+    return dataset_class(
         loaded.records,
         processor,
         template,
