@@ -213,7 +213,7 @@ def test_a_text_only_batch_still_reaches_the_trainable_image_parts(family, tiny_
     kind = kind_of(model)
     outputs = model(**kind.loss_inputs(model, {**inputs, "labels": labels}) | {"labels": None})
     loss = gathered_loss(outputs, labels)
-    with_path = kind.with_image_path(model, inputs, loss, processor)
+    with_path = kind.with_image_path(model, inputs, loss, kind.image_path_inputs(model, processor))
     assert with_path.item() == loss.item()
     with_path.backward()
     connector = kind.part_modules(model)[CONNECTOR]

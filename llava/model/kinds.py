@@ -96,12 +96,16 @@ class ModelKind:
         """The forward's inputs for a training or evaluation loss."""
         return inputs
 
+    def image_path_inputs(self, model: nn.Module, processor: Any) -> dict[str, Any] | None:
+        """What `with_image_path` runs on a text-only batch, made once per run (None: nothing;
+        the composed kind's forward does this itself)."""
+        return None
+
     def with_image_path(
-        self, model: nn.Module, inputs: dict[str, Any], loss: torch.Tensor, processor: Any
+        self, model: nn.Module, inputs: dict[str, Any], loss: torch.Tensor, path_inputs: Any
     ) -> torch.Tensor:
         """The training loss of a batch, made to reach the trainable image parts when the batch
-        has no image (see image_text_to_text.image_path_of_nothing); the composed kind's
-        forward does this itself."""
+        has no image (see image_text_to_text.image_path_of_nothing)."""
         return loss
 
     def part_modules(self, model: nn.Module) -> dict[str, nn.Module]:
@@ -201,13 +205,18 @@ class ImageTextToTextKind(ModelKind):
                     "(--freeze_mm_mlp_adapter True), or drop the text-only records"
                 )
 
-    def with_image_path(self, model, inputs, loss, processor):
+    def image_path_inputs(self, model, processor):
+        """A blank image's inputs where image parts train and the model can encode an image
+        alone (get_image_features; a model without it is refused under ZeRO-3 at start)."""
         base = unwrap_base(model)
-        if has_image_inputs(inputs) or not self.image_parts_train(base):
+        if not self.image_parts_train(base) or not hasattr(base, "get_image_features"):
+            return None
+        return blank_image_inputs(processor)
+
+    def with_image_path(self, model, inputs, loss, path_inputs):
+        if path_inputs is None or has_image_inputs(inputs):
             return loss
-        if not hasattr(base, "get_image_features"):  # refused under ZeRO-3 at start
-            return loss
-        return loss + image_path_of_nothing(base, blank_image_inputs(processor)).to(loss.device)
+        return loss + image_path_of_nothing(unwrap_base(model), path_inputs).to(loss.device)
 
 
 def module_name(model: nn.Module, target: nn.Module) -> str:

@@ -50,6 +50,10 @@ class LlavaTrainerMixin:
             kwargs.setdefault("compute_loss_func", self.model_kind.loss_function)
         super().__init__(*args, **kwargs)
         record_stage_plan(unwrap_base(self.model).config, stage_plan)
+        # made once: which parts train does not change within a run
+        self.image_path_inputs = self.model_kind.image_path_inputs(
+            self.model, self.processing_class
+        )
         self.model.register_load_state_dict_post_hook(forgive_missing_frozen_weights)
         self.add_throughput_callback()
 
@@ -158,7 +162,7 @@ class LlavaTrainerMixin:
         if not model.training:
             return result
         loss, outputs = result if isinstance(result, tuple) else (result, None)
-        loss = self.model_kind.with_image_path(self.model, inputs, loss, self.processing_class)
+        loss = self.model_kind.with_image_path(self.model, inputs, loss, self.image_path_inputs)
         return loss if outputs is None else (loss, outputs)
 
     # -- evaluation ---------------------------------------------------------------------------
