@@ -236,3 +236,26 @@ def test_a_model_without_image_features_is_refused_where_zero3_would_misstep(tin
     kind.check_text_only_steps(model, has_text_only=False, zero3=True)
     apply_stage(model, plan_stage(freeze_mm_mlp_adapter=True))
     kind.check_text_only_steps(model, has_text_only=True, zero3=True)
+
+
+def test_a_class_adapted_in_its_modeling_module_is_the_one_loaded(tiny_vlm_paths, monkeypatch):
+    """optimum-habana's adapt_transformers_to_gaudi (run under --use_habana before any model is
+    built) puts its subclass in the family's modeling module; loading builds that class, and it
+    is still recognised as the image-text-to-text kind, its parts found the same way."""
+    import sys
+
+    import transformers
+
+    family = next(f for f in FAMILIES if f != "llava")
+    original = load_image_text_to_text(tiny_vlm_paths[family])[0]
+    architecture = type(original).__name__
+    module = sys.modules[type(original).__module__]
+    adapted = type(f"Gaudi{architecture}", (type(original),), {})
+    transformers.__dict__.pop(architecture, None)  # unbound: a lookup now sees the module's
+    getattr(transformers, architecture)  # then bound at the top level before the adaptation
+    monkeypatch.setattr(module, architecture, adapted)
+
+    model, _ = load_image_text_to_text(tiny_vlm_paths[family])
+    assert type(model) is adapted
+    assert recognise_checkpoint(tiny_vlm_paths[family]).name == "image-text-to-text"
+    assert kind_of(model).parts(model) == kind_of(original).parts(original)

@@ -34,7 +34,11 @@ from llava.files import (
 )
 from llava.model.config import LlavaConfig
 from llava.model.hf_llava import check_projector_shapes, llava_config, llava_state_dict
-from llava.model.image_text_to_text import image_text_to_text_architecture, structure_parts
+from llava.model.image_text_to_text import (
+    image_text_to_text_architecture,
+    image_text_to_text_class,
+    structure_parts,
+)
 from llava.model.kinds import (
     CONNECTOR,
     HF_LLAVA,
@@ -572,10 +576,8 @@ def load_image_text_to_text(
 
     Its parts are found at once, so a model whose structure the adapter cannot read fails here
     with what is missing (llava/model/image_text_to_text.py)."""
-    import transformers
-
     architecture = image_text_to_text_architecture(saved_config(folder) or {})
-    model_class = getattr(transformers, architecture)
+    model_class = image_text_to_text_class(architecture)
     processor = AutoProcessor.from_pretrained(folder)
     model = model_class.from_pretrained(folder, torch_dtype=torch_dtype, **model_kwargs)
     structure_parts(model)

@@ -12,6 +12,7 @@ an output head. Nothing here names a family.
 from __future__ import annotations
 
 import inspect
+import sys
 from typing import Any
 
 import torch
@@ -36,9 +37,26 @@ def image_text_to_text_architecture(config: dict[str, Any]) -> str | None:
 
 
 def is_image_text_to_text_model(model: nn.Module) -> bool:
-    return isinstance(model, PreTrainedModel) and type(model).__name__ in (
-        vision_language_architectures()
+    """Whether `model` is a transformers image-text-to-text class or a subclass of one
+    (optimum-habana's Gaudi classes subclass the ones they adapt)."""
+    known = vision_language_architectures()
+    return isinstance(model, PreTrainedModel) and any(
+        cls.__name__ in known for cls in type(model).__mro__
     )
+
+
+def image_text_to_text_class(architecture: str) -> type:
+    """The class that builds `architecture`: the one its modeling module holds now.
+
+    Under --use_habana, GaudiTrainingArguments runs optimum-habana's
+    adapt_transformers_to_gaudi before any model is built; it puts its adapted class (say
+    GaudiQwen2VLForConditionalGeneration) in the family's modeling module, which the top-level
+    `transformers.<architecture>` name may have been bound before. Elsewhere both are the same.
+    """
+    import transformers
+
+    top_level = getattr(transformers, architecture)
+    return getattr(sys.modules[top_level.__module__], architecture, top_level)
 
 
 def outermost(model: nn.Module, wanted) -> list[str]:
