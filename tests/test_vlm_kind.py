@@ -55,6 +55,7 @@ EXPECTED_PARTS = {
     "paligemma": ("model.vision_tower", "model.multi_modal_projector", "model.language_model"),
     "mllama": ("model.vision_model", "model.multi_modal_projector", "model.language_model"),
     "internvl": ("model.vision_tower", "model.multi_modal_projector", "model.language_model"),
+    "molmo2": ("model.vision_tower", "model.multi_modal_projector", "model.language_model"),
 }
 FAMILIES = [family for family in VLM_FAMILIES + PROMPT_FAMILIES if family in EXPECTED_PARTS]
 # The prompt-only families (no chat template) take a bare prompt, and a suffix to learn.

@@ -17,7 +17,7 @@ from llava.train.arguments import parse_arguments
 from llava.train.train import train
 from tests.fixtures.tiny_vlms import PROMPT_FAMILIES, VLM_FAMILIES, tiny_image
 
-TRAINED = [f for f in ("qwen2_vl", "idefics3", "gemma3", "qwen3_vl") if f in VLM_FAMILIES]
+TRAINED = [f for f in ("qwen2_vl", "idefics3", "gemma3", "qwen3_vl", "molmo2") if f in VLM_FAMILIES]
 
 
 def vlm_flags(assets: dict[str, str], model: str, output_dir, *extra: str) -> list[str]:

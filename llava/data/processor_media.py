@@ -214,6 +214,21 @@ class ProcessorMedia:
         return self.expansions[size]
 
     @functools.cached_property
+    def leading_ids(self) -> list[int]:
+        """The ids the processor puts before a text that does not begin with BOS: the
+        tokenizer's (BOS for Llama, none for Qwen), or the processor's own (Molmo2's writes BOS
+        in front of such a text)."""
+        ids = self(PROBE_TEXT, [], add_special_tokens=True)["input_ids"][0].tolist()
+        plain = self.encoder.encode_raw([PROBE_TEXT])[0]
+        for start in range(len(ids) - len(plain) + 1):
+            if ids[start : start + len(plain)] == plain:
+                return ids[:start]
+        raise ValueError(
+            f"the processor changes the text {PROBE_TEXT!r} itself (ids {ids}); its "
+            "conversations cannot be built turn by turn"
+        )
+
+    @functools.cached_property
     def probe_prefix(self) -> str:
         """Text an image is expanded behind: BOS (mllama's processor writes images and BOS in
         front of a text without one) and a special token (so nothing merges across it)."""
@@ -311,6 +326,7 @@ class ProcessorConversationTokenizer(ConversationTokenizer):
         super().__init__(processor.tokenizer, template, num_image_tokens=0, fresh_after_image=False)
         self.processor = processor
         self.media = media
+        self.leading_ids = media.leading_ids
 
     def render(self, turns: list[Turn], add_generation_prompt: bool = False) -> list[Segment]:
         if not self.template.uses_tokenizer_template:

@@ -161,6 +161,8 @@ class ConversationTokenizer:
         self.num_image_tokens = num_image_tokens
         self.fresh_after_image = fresh_after_image
         self.encoder = TextEncoder(tokenizer)
+        # the ids before a text that does not begin with BOS (a processor may write its own)
+        self.leading_ids = self.encoder.prefix_ids
         self.image_ids = [IMAGE_PLACEHOLDER_ID] * num_image_tokens
         if mm_use_im_start_end:
             self.image_ids = [marker_id(tokenizer, IMAGE_START_TOKEN), *self.image_ids]
@@ -184,7 +186,7 @@ class ConversationTokenizer:
     ) -> tuple[list[int], list[Piece], list[tuple[str, bool]]]:
         """(leading special ids, pieces, text chunks to encode with their `fresh` flag)."""
         pieces = self.pieces(segments)
-        prefix = self.encoder.prefix_ids
+        prefix = self.leading_ids
         if segments and starts_with_bos(self.tokenizer, segments[0].text):
             prefix = []  # the template already writes BOS (auto templates often do)
         chunks, fresh = [], True  # the first text starts the sequence
