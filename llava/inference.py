@@ -1,10 +1,12 @@
 """Asking a loaded model about images: prompts, pixels, left-padded batched generation.
 
-Two answerers, chosen by what was loaded (`answerer_for`): the composed model's (this
-project's chat templates, the tower's image processor) and that of a model with its own
+Three answerers, chosen by what was loaded (`answerer_for`): the composed model's (this
+project's chat templates, the tower's image processor); that of a model with its own
 processor (transformers' image-text-to-text kind: its chat template renders the prompt, its
 processor makes the image inputs, both through the training data pipeline's encoder, so a
-prompt's ids are those training saw for the same turns).
+prompt's ids are those training saw for the same turns); and that of a model whose processor
+takes a bare prompt and no chat template (PaliGemma's: one question per prompt, made by the
+processor as training makes the prefix).
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ from llava.data.processor_collator import OWN_KEYS, ProcessorCollator, batching_
 from llava.data.processor_media import (
     ProcessorConversationTokenizer,
     ProcessorMedia,
+    PromptSuffixMedia,
+    bare_prompt,
     first_difference,
+    is_prompt_suffix,
 )
 from llava.data.tokenize import ConversationTokenizer, starts_with_bos
 from llava.model.builder import LoadedModel
@@ -54,23 +59,35 @@ def template_name(loaded: LoadedModel, name: str | None, flag: str = "--conv-mod
     if loaded.processor is None:
         return name or DEFAULT_TEMPLATE
     if name not in (None, OWN_TEMPLATE):
+        how = (
+            "takes a bare prompt, written by no chat template"
+            if is_prompt_suffix(loaded.processor)
+            else "renders conversations with its processor's own chat template"
+        )
         raise ValueError(
-            f"{flag} {name}: {type(loaded.model).__name__} renders conversations with its "
-            f"processor's own chat template (as it trains, --version {OWN_TEMPLATE}); leave "
-            f"{flag} out"
+            f"{flag} {name}: {type(loaded.model).__name__} {how} (as it trains, --version "
+            f"{OWN_TEMPLATE}); leave {flag} out"
         )
     return OWN_TEMPLATE
 
 
 def answerer_for(loaded: LoadedModel, conv_mode: str | None = None) -> Answerer:
-    """The answerer of what was loaded: through its processor where it has one."""
-    answerer_class = ProcessorAnswerer if loaded.processor is not None else Answerer
+    """The answerer of what was loaded: through its processor where it has one (a bare
+    prompt where that processor takes one)."""
+    if loaded.processor is None:
+        answerer_class = Answerer
+    elif is_prompt_suffix(loaded.processor):
+        answerer_class = PromptSuffixAnswerer
+    else:
+        answerer_class = ProcessorAnswerer
     return answerer_class(loaded, template_name(loaded, conv_mode))
 
 
 class Answerer:
     """Turns questions about images into answers with one loaded composed model (its tower's
     image processor, this project's chat templates)."""
+
+    one_question_per_prompt = False  # True: a prompt holds no history (see PromptSuffixAnswerer)
 
     def __init__(self, loaded: LoadedModel, conv_mode: str = DEFAULT_TEMPLATE):
         self.loaded = loaded
@@ -207,6 +224,47 @@ class ProcessorAnswerer(Answerer):
     def new_tokens(self, output: torch.Tensor, prompt_width: int) -> torch.Tensor:
         """transformers' generate() returns the prompt, then the new tokens."""
         return output[:, prompt_width:]
+
+
+class PromptSuffixAnswerer(ProcessorAnswerer):
+    """Answers from a model whose processor takes a bare prompt and no chat template
+    (`is_prompt_suffix`: PaliGemma's).
+
+    A prompt is one question about its images, made by one processor call as training makes
+    the prefix (PromptSuffixMedia without a suffix): the images' tokens, BOS, the question
+    without its <image> tags, a newline. Its token_type_ids are all 0, so generate() attends to
+    the whole prompt both ways, as training did to the prefix, and causally to the answer. A
+    history of turns has no place in such a prompt and is refused. Batches are padded on the
+    left by the training collator's rules.
+    """
+
+    one_question_per_prompt = True
+
+    def __init__(self, loaded: LoadedModel, conv_mode: str = OWN_TEMPLATE):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.media = PromptSuffixMedia(loaded.processor)
+        self.collator = ProcessorCollator(
+            pad_token_id_of(self.tokenizer), batching_rules(self.media), padding_side="left"
+        )
+
+    def prompt(self, turns: list[Turn], image_sources: Sequence[Any] = ()) -> ProcessorPrompt:
+        """One user turn and its images as the processor's prompt (ids and model inputs)."""
+        name = type(self.model).__name__
+        roles = [turn.role for turn in turns]
+        if roles != [USER]:
+            raise ValueError(
+                f"{name} takes one question per prompt (its processor writes a bare prompt, "
+                f"with no chat template for a conversation); these turns are {roles}: ask "
+                "each question on its own"
+            )
+        if not image_sources:
+            raise ValueError(f"{name} answers questions about images: give each one an image")
+        images = [load_image(source) for source in image_sources]
+        outputs = self.media(bare_prompt(turns[0].text), images, suffix=None)
+        extras = {key: value for key, value in outputs.items() if key not in OWN_KEYS}
+        return ProcessorPrompt(outputs["input_ids"][0].tolist(), extras)
 
 
 def sampling_kwargs(temperature: float, top_p: float | None, num_beams: int, max_new_tokens: int):

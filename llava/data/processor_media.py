@@ -497,9 +497,14 @@ def prompt_and_answer(turns: Sequence[Turn]) -> tuple[str, str]:
     roles = [turn.role for turn in turns]
     if roles != [USER, ASSISTANT] or not turns[1].text.strip():
         raise ValueError(f"{ONE_TURN}; this record's turns are {roles}")
-    parts = content_parts(turns[0].text)
-    prefix = "".join(part["text"] for part in parts if part["type"] == "text").strip()
-    return prefix, turns[1].text
+    return bare_prompt(turns[0].text), turns[1].text
+
+
+def bare_prompt(text: str) -> str:
+    """A user turn's text as a prompt+suffix processor's prompt: its text without the <image>
+    tags (the processor places the images itself, in front), stripped."""
+    parts = content_parts(text)
+    return "".join(part["text"] for part in parts if part["type"] == "text").strip()
 
 
 class PromptSuffixMedia:
@@ -515,15 +520,16 @@ class PromptSuffixMedia:
         self.blanks: dict[Size, Image.Image] = {}
 
     def __call__(
-        self, prefix: str, images: Sequence[Image.Image], suffix: str
+        self, prefix: str, images: Sequence[Image.Image], suffix: str | None
     ) -> dict[str, torch.Tensor]:
-        """The processor's outputs for one sample (leading dim 1, or the image count)."""
+        """The processor's outputs for one sample (leading dim 1, or the image count); with
+        `suffix` None, those of a prompt to generate after (token_type_ids all 0: the prefix)."""
         # the processor's image tokens in front, where it places images (it warns without them)
         image_token = getattr(self.processor, "image_token", None) or ""
         outputs = self.processor(
             text=[image_token * len(images) + prefix],
             images=[list(images)] if images else None,
-            suffix=[suffix],
+            suffix=[suffix] if suffix is not None else None,
             return_tensors="pt",
         )
         return dict(outputs)

@@ -6,7 +6,8 @@
 
 The model is a composed LLaVA checkpoint or a transformers image-text-to-text one (a plain
 folder, a fine-tune's output, or a LoRA output with --model-base the VLM it was trained from);
-the latter answers through its own processor and chat template.
+the latter answers through its own processor and chat template (PaliGemma's, which has none,
+through a bare prompt: each question needs an image).
 
 Questions are `{"question_id", "image", "text"}` (image optional, a path or a list of paths);
 answers are `{"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}`. Lines
@@ -119,6 +120,15 @@ def batches(items: list[Any], size: int) -> Iterator[list[Any]]:
         yield items[start : start + size]
 
 
+def question_prompt(answerer: Answerer, question: dict[str, Any], image_folder: str | None):
+    """The answerer's prompt for a question; one it cannot ask (PaliGemma's without an image,
+    say) is named in the error."""
+    try:
+        return answerer.question_prompt(question["text"], image_sources(question, image_folder))
+    except ValueError as error:
+        raise ValueError(f"question {question['question_id']!r}: {error}") from None
+
+
 def answer_questions(
     answerer: Answerer,
     questions: list[dict[str, Any]],
@@ -138,9 +148,7 @@ def answer_questions(
     written = 0
     with open(answers_file, "a") as out, tqdm(total=len(todo), desc="answering") as progress:
         for batch in batches(todo, batch_size):
-            prompts = [
-                answerer.question_prompt(q["text"], image_sources(q, image_folder)) for q in batch
-            ]
+            prompts = [question_prompt(answerer, q, image_folder) for q in batch]
             for question, text in zip(batch, answerer.generate(prompts, **generate_kwargs)):
                 row = {
                     "question_id": question["question_id"],

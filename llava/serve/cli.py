@@ -4,7 +4,9 @@
         [--conv-mode v1] [--temperature 0.2] [--max-new-tokens 512]
 
 A transformers image-text-to-text model (plain, fine-tuned, or LoRA over --model-base) chats
-through its own processor and chat template. An empty line (or end of input) ends the chat.
+through its own processor and chat template; one whose processor takes a bare prompt
+(PaliGemma's) is asked each question alone about the image, without the history. An empty line
+(or end of input) ends the chat.
 """
 
 from __future__ import annotations
@@ -21,6 +23,11 @@ from llava.conversation import ASSISTANT, USER, Turn
 from llava.inference import Answerer, answerer_for, sampling_kwargs, with_image_tag
 from llava.model.builder import add_loading_flags, load_from_flags
 
+ONE_QUESTION_NOTE = (
+    "{name} takes one question per prompt (no chat template): each question is asked alone "
+    "about the image, without the earlier ones and their answers."
+)
+
 
 def chat(
     answerer: Answerer,
@@ -29,9 +36,14 @@ def chat(
     read: Callable[[str], str] = input,
     write: Callable[..., None] = print,
 ) -> list[Turn]:
-    """The chat loop: the image goes with the first question; history grows turn by turn."""
+    """The chat loop: the image goes with the first question; history grows turn by turn.
+
+    A model that takes one question per prompt gets each question alone with the image (said
+    once, at the start); the turns returned are then those of the last question."""
     turns: list[Turn] = []
     streamer = TextStreamer(answerer.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    if answerer.one_question_per_prompt:
+        write(ONE_QUESTION_NOTE.format(name=type(answerer.model).__name__))
     while True:
         try:
             question = read(f"{USER.upper()}: ")
@@ -39,6 +51,8 @@ def chat(
             question = ""
         if not question.strip():
             return turns
+        if answerer.one_question_per_prompt:
+            turns = []
         text = question if turns else with_image_tag(question, 1)
         turns.append(Turn(USER, text))
         write(f"{ASSISTANT.upper()}: ", end="", flush=True)
