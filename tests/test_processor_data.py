@@ -5,6 +5,7 @@ the answers and their end-of-turn tokens, construction-time lengths are the load
 truncation keeps whole turns and the kept images' pixels, and a mixed batch runs the model.
 """
 
+import inspect
 import json
 import os
 import pickle
@@ -177,8 +178,9 @@ def test_a_prompt_suffix_processor_is_not_placed_in_a_conversation(family, proce
         PromptSuffixDataset([record], processor, "vicuna_v1", 2048)
 
 
-def test_a_processor_without_chat_template_or_suffix_is_refused():
-    """A bare-prompt processor that takes no suffix has nothing to learn from: refused."""
+def test_a_processor_without_chat_template_takes_bare_prompts():
+    """Any processor without a chat template takes a bare prompt (the answer learnt after it),
+    whether or not it takes a suffix; it cannot place images in a conversation."""
 
     class BarePromptProcessor:  # a stand-in: no such processor is built here
         chat_template = None
@@ -187,8 +189,8 @@ def test_a_processor_without_chat_template_or_suffix_is_refused():
         def __call__(self, text=None, images=None, **kwargs):
             raise AssertionError("never called")
 
-    assert not is_prompt_suffix(BarePromptProcessor())
-    with pytest.raises(ValueError, match="BarePromptProcessor has no chat_template .* no suffix"):
+    assert is_prompt_suffix(BarePromptProcessor())
+    with pytest.raises(ValueError, match="BarePromptProcessor has no chat_template .*single-turn"):
         find_placeholder(BarePromptProcessor(), None)
 
 
@@ -429,9 +431,36 @@ def test_dataset_pickles_for_loader_workers(processors, image_files):
     assert copy[0]["input_ids"].tolist() == dataset[0]["input_ids"].tolist()
 
 
-# -- prompt + suffix processors (PaliGemma's) -----------------------------------------------------
+# -- prompt + suffix processors (PaliGemma's, Fuyu's) ---------------------------------------------
 prompt_families = pytest.mark.parametrize("family", PROMPT_FAMILIES)
 QUESTION = "What is in the picture?"
+# Images a prompt takes (Fuyu's processor writes one image run), and the batching rules of the
+# processor's outputs beside input_ids and attention_mask.
+PROMPT_IMAGES = {"paligemma": 2, "fuyu": 1}
+PROMPT_RULES = {
+    "paligemma": {"token_type_ids": SEQUENCE, "pixel_values": IMAGES},
+    "fuyu": {"image_patches": IMAGES},
+}
+
+
+def processor_sample(processor, images: list[str], answer: str) -> dict[str, torch.Tensor]:
+    """The family's own sample for QUESTION about `images` and `answer`: PaliGemma's processor
+    writes it whole (`suffix=`); Fuyu's writes the prompt, ending in its beginning-of-answer
+    token, and the answer's ids as its tokenizer writes that text, then EOS, follow."""
+    if "suffix" in inspect.signature(processor.__call__).parameters:
+        theirs = processor(
+            text=[QUESTION], images=[opened(images)], suffix=[answer], return_tensors="pt"
+        )
+        return {key: value for key, value in theirs.items()}
+    theirs = dict(processor(text=[QUESTION], images=[opened(images)], return_tensors="pt"))
+    tokenizer = processor.tokenizer
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    answer_ids = torch.tensor([[*answer_ids, tokenizer.eos_token_id]])
+    prompt = theirs["input_ids"]
+    theirs["input_ids"] = torch.cat([prompt, answer_ids], dim=1)
+    theirs["labels"] = torch.cat([torch.full_like(prompt, IGNORE_INDEX), answer_ids], dim=1)
+    theirs["attention_mask"] = torch.ones_like(theirs["input_ids"])
+    return theirs
 
 
 def one_turn(images: tuple[str, ...], index: int = 0, answer: str = ANSWERS[0]) -> Record:
@@ -446,13 +475,13 @@ def test_prompt_suffix_ids_and_labels_are_the_processors(family, processors, ima
     assert is_prompt_suffix(processor)
     dataset = load_prompt_suffix(processor, [one_turn(tuple(image_files[:1]))])
     sample = dataset[0]
-    theirs = processor(
-        text=[QUESTION], images=[opened(image_files[:1])], suffix=[ANSWERS[0]], return_tensors="pt"
-    )
-    assert sample["input_ids"].tolist() == theirs["input_ids"][0].tolist()
-    assert sample["labels"].tolist() == theirs["labels"][0].tolist()
-    assert sample["token_type_ids"].tolist() == theirs["token_type_ids"].tolist()
-    torch.testing.assert_close(sample["pixel_values"], theirs["pixel_values"])
+    theirs = processor_sample(processor, image_files[:1], ANSWERS[0])
+    assert sample["input_ids"].tolist() == theirs.pop("input_ids")[0].tolist()
+    assert sample["labels"].tolist() == theirs.pop("labels")[0].tolist()
+    del theirs["attention_mask"]  # the collator's
+    assert set(sample) == {"input_ids", "labels", *theirs}
+    for key, value in theirs.items():
+        torch.testing.assert_close(sample[key], value)
     eos = processor.tokenizer.eos_token
     assert supervised_texts(processor.tokenizer, sample) == [ANSWERS[0] + eos]
 
@@ -470,11 +499,22 @@ def test_prompt_suffix_lengths_at_construction_are_the_loaded_lengths(
     records = [
         one_turn(tuple(image_files[:1]), 0),
         one_turn(tuple(image_files[1:]), 1, ANSWERS[1]),
-        one_turn(tuple(image_files), 2),
+        one_turn(tuple(image_files[: PROMPT_IMAGES[family]]), 2),
     ]
     dataset = load_prompt_suffix(processors[family], records)
     assert dataset.lengths == [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
+    assert len(set(dataset.lengths)) > 1  # the images' sizes count (Fuyu's)
     assert dataset.modalities == ["image"] * 3
+
+
+@prompt_families
+def test_a_record_with_more_images_than_a_prompt_takes_is_named(family, processors, image_files):
+    """Fuyu's processor writes one image run a prompt: a two-image record is a bad record."""
+    if PROMPT_IMAGES[family] > 1:
+        pytest.skip(f"{family} takes several images a prompt")
+    record = one_turn(tuple(image_files[:2]), 7)
+    with pytest.raises(BadRecordError, match="mem record 7: .*2 images"):
+        load_prompt_suffix(processors[family], [record])
 
 
 @prompt_families
@@ -513,10 +553,11 @@ def test_prompt_suffix_batch_loss_is_the_models_own(
     """A collated batch (both padding sides) gives the model's own loss through the trainer's
     gathered loss (labels kept out of the forward, the prefix mask from token_type_ids)."""
     processor = processors[family]
-    records = [one_turn(tuple(image_files[:1]), 0), one_turn(tuple(image_files), 1, ANSWERS[1])]
+    images = tuple(image_files[: PROMPT_IMAGES[family]])
+    records = [one_turn(tuple(image_files[1:2]), 0), one_turn(images, 1, ANSWERS[1])]
     dataset = load_prompt_suffix(processor, records)
     rules = batching_rules(dataset.media)
-    assert rules == {"token_type_ids": SEQUENCE, "pixel_values": IMAGES}
+    assert rules == PROMPT_RULES[family]
     model = AutoModelForImageTextToText.from_pretrained(tiny_vlm_paths[family]).eval()
     for padding_side in ("right", "left"):
         collator = ProcessorCollator(processor.tokenizer.pad_token_id, rules, padding_side)
@@ -551,4 +592,8 @@ def test_build_supervised_data_with_a_prompt_suffix_processor(
     assert isinstance(dataset, PromptSuffixDataset) and isinstance(collator, ProcessorCollator)
     assert dataset.summary.kept == 1 and dataset.summary.skipped_bad == 2
     batch = collator([dataset[0]])
-    assert batch["token_type_ids"].shape == batch["input_ids"].shape
+    assert set(batch) == {"input_ids", "labels", "attention_mask", *PROMPT_RULES[family]}
+    row = {"input_ids": batch["input_ids"][0], "labels": batch["labels"][0]}
+    assert supervised_texts(processor.tokenizer, row) == [
+        ANSWERS[0] + processor.tokenizer.eos_token
+    ]

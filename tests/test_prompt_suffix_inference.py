@@ -1,6 +1,6 @@
-"""Inference on a model whose processor takes a bare prompt (PaliGemma's, transformers 5.x):
-model_vqa answers a batch as plain greedy generate answers each question alone, the prompt is
-attended both ways as training attends the prefix, the CLI asks each question alone about the
+"""Inference on a model whose processor takes a bare prompt (PaliGemma's and Fuyu's,
+transformers 5.x): model_vqa answers a batch as plain greedy generate answers each question
+alone, PaliGemma's prompt is attended both ways as training attends the prefix, the CLI asks each question alone about the
 image, a history or a chat template is refused by name, and perplexity is the model's own loss
 over the supervised tokens (the plain folder and a LoRA output over it)."""
 
@@ -42,6 +42,17 @@ QUESTIONS = [
     {"question_id": "q1", "image": "001.png", "text": "<image>\nColour?"},
     {"question_id": "q2", "image": ["002.png", "003.png"], "text": "Which of the two is red?"},
 ]
+# Whether a prompt holds the processor's image token per image (PaliGemma's warns without it;
+# Fuyu's writes its own), and how many images a prompt takes.
+TAGS_IMAGES = {"paligemma": True, "fuyu": False}
+MAX_IMAGES = {"paligemma": 2, "fuyu": 1}
+
+
+def questions_for(family: str) -> list[dict]:
+    def count(question: dict) -> int:
+        return len(question["image"]) if isinstance(question["image"], list) else 1
+
+    return [q for q in QUESTIONS if count(q) <= MAX_IMAGES[family]]
 
 
 @pytest.fixture(scope="module")
@@ -83,14 +94,17 @@ def plain_model(folders: dict[str, str], name: str) -> torch.nn.Module:
     return base.eval()
 
 
-def plain_answer(model, processor, question: str, images) -> str:
+def own_inputs(family: str, processor, question: str, images) -> dict[str, torch.Tensor]:
+    """The processor's own inputs for one bare prompt about `images`."""
+    tags = processor.image_token * len(images) if TAGS_IMAGES[family] else ""
+    inputs = processor(text=[tags + question], images=[images], return_tensors="pt")
+    inputs.pop("labels", None)
+    return inputs
+
+
+def plain_answer(family: str, model, processor, question: str, images) -> str:
     """transformers' greedy generate on the processor's own inputs for one bare prompt, decoded."""
-    inputs = processor(
-        text=[processor.image_token * len(images) + question],
-        images=[images],
-        return_tensors="pt",
-    )
-    inputs.pop("labels")
+    inputs = own_inputs(family, processor, question, images)
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
     new = output[0, inputs["input_ids"].shape[1] :]
@@ -113,23 +127,25 @@ def test_model_vqa_answers_a_batch_as_plain_greedy_generate(
 ):
     """One left-padded batch of prompts of different lengths answers as each prompt alone."""
     folders = outputs[family]
+    questions = questions_for(family)
     answers_file = tmp_path / "answers.jsonl"
     model_vqa.main(
         [*base_flags(folders, name),
-         "--question-file", write_questions(tmp_path / "questions.jsonl", QUESTIONS),
+         "--question-file", write_questions(tmp_path / "questions.jsonl", questions),
          "--image-folder", shapes["image_folder"], "--answers-file", str(answers_file),
-         "--batch-size", str(len(QUESTIONS)), "--max-new-tokens", str(MAX_NEW_TOKENS)]
+         "--batch-size", str(len(questions)), "--max-new-tokens", str(MAX_NEW_TOKENS)]
     )  # fmt: skip
     model = plain_model(folders, name)
     processor = AutoProcessor.from_pretrained(folders["base"])
     expected = {
         q["question_id"]: plain_answer(
+            family,
             model,
             processor,
             q["text"].replace("<image>\n", ""),
             question_images(q, shapes["image_folder"]),
         )
-        for q in QUESTIONS
+        for q in questions
     }
     rows = model_vqa.read_jsonl(str(answers_file))
     assert {row["question_id"]: row["text"] for row in rows} == expected
@@ -138,18 +154,19 @@ def test_model_vqa_answers_a_batch_as_plain_greedy_generate(
 
 @pytest.mark.parametrize("family", PROMPT_FAMILIES)
 def test_the_prompt_is_the_processors_and_attended_both_ways(family, outputs, shapes):
-    """The prompt's ids are the processor's own for the bare question; its token_type_ids are
-    all 0, so the first image token already sees the question after it (causally it could not)."""
+    """The prompt's ids are the processor's own for the bare question. Where it has
+    token_type_ids (PaliGemma's) they are all 0, so the first image token already sees the
+    question after it (causally it could not)."""
     loaded = load_pretrained_model(outputs[family]["base"])
     answerer = answerer_for(loaded)
     assert isinstance(answerer, PromptSuffixAnswerer)
     image = os.path.join(shapes["image_folder"], "000.png")
     processor = loaded.processor
-    own = processor(
-        text=[processor.image_token + "Colour?"], images=[load_image(image)], return_tensors="pt"
-    )
+    own = own_inputs(family, processor, "Colour?", [load_image(image)])
     prompt = answerer.question_prompt("<image>\nColour?", [image])
     assert prompt.input_ids == own["input_ids"][0].tolist()
+    if "token_type_ids" not in own:
+        return  # attention over the prompt is the model's causal one
     assert prompt.inputs["token_type_ids"].tolist() == [[0] * len(prompt.input_ids)]
 
     def first_logits(question: str, both_ways: bool) -> torch.Tensor:
@@ -178,7 +195,7 @@ def test_cli_asks_each_question_alone_about_the_image(family, outputs, shapes, m
     processor = AutoProcessor.from_pretrained(folders["base"])
     images = [load_image(image_file)]
     expected = [
-        plain_answer(model, processor, question, images)
+        plain_answer(family, model, processor, question, images)
         for question in ("What colour is it?", "Is it a square?")
     ]
     assert streamed == expected and all(expected)

@@ -28,6 +28,7 @@ IMAGE_MARKERS = {
 # The prompt-only families' processor inputs: a bare prompt (and the text to learn), no chat.
 PROMPTS = {
     "paligemma": dict(text="<image>What is in the picture?", suffix="A red car on the road."),
+    "fuyu": dict(text="What is in the picture?"),  # its processor writes the image itself
 }
 # Families whose template writes BOS itself: the tokenizer must not add a second one.
 TEMPLATE_WRITES_BOS = {"gemma3", "gemma4", "mllama"}
@@ -89,23 +90,27 @@ def test_tiny_vlm_round_trip(tiny_vlm_paths, family):
 
 @pytest.mark.parametrize("family", PROMPT_FAMILIES)
 def test_a_prompt_only_vlm_takes_a_bare_prompt(tiny_vlm_paths, family):
-    """PaliGemma as its real checkpoints are: no chat template; the processor writes the image
-    tokens and BOS before the prompt, and labels the suffix only (its token_type_ids)."""
+    """PaliGemma and Fuyu as their real checkpoints are: no chat template; the processor writes
+    the image tokens and BOS before the prompt; PaliGemma's labels its suffix only (its
+    token_type_ids), Fuyu's ends the prompt with its beginning-of-answer token <0x04>."""
     model, processor = load(tiny_vlm_paths[family])
     assert processor.chat_template is None and processor.tokenizer.chat_template is None
     prompt = PROMPTS[family]
+    suffix = {"suffix": [prompt["suffix"]]} if "suffix" in prompt else {}
     batch = processor(
-        text=[prompt["text"]],
-        images=[[tiny_image((56, 56))]],
-        suffix=[prompt["suffix"]],
-        return_tensors="pt",
+        text=[prompt["text"]], images=[[tiny_image((56, 56))]], return_tensors="pt", **suffix
     )
     assert image_token_count(model, batch) > 0
-    learnt = batch["labels"][0][batch["labels"][0] != -100]
-    assert processor.tokenizer.decode(learnt) == prompt["suffix"] + processor.tokenizer.eos_token
+    if suffix:
+        learnt = batch.pop("labels")[0]
+        learnt = learnt[learnt != -100]
+        eos = processor.tokenizer.eos_token
+        assert processor.tokenizer.decode(learnt) == prompt["suffix"] + eos
+    else:
+        tokens = processor.tokenizer.convert_ids_to_tokens(batch["input_ids"][0])
+        assert tokens[-1] == "<0x04>" and "<s>" in tokens
     with torch.no_grad():
-        assert torch.isfinite(model(**batch).loss)
-        del batch["labels"]
+        assert torch.isfinite(model(**batch, labels=batch["input_ids"]).loss)
         generated = model.generate(**batch, max_new_tokens=3, do_sample=False)
     assert generated.shape[1] <= batch["input_ids"].shape[1] + 3
 

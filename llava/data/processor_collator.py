@@ -29,11 +29,15 @@ OWN_KEYS = ("input_ids", "attention_mask", "labels")
 
 
 def batching_rule(key: str, probes: list[dict[str, torch.Tensor] | None]) -> str:
-    """How output `key` batches, from the processor's outputs on a text-only (None where the
-    processor takes none), a one-image and a two-image probe (in that order, same-size images)."""
+    """How output `key` batches, from the processor's outputs on a text-only, a one-image and a
+    two-image probe (in that order, same-size images; None where the processor takes no such
+    sample). A processor that takes one image a sample batches its image outputs by
+    concatenation, which is stacking for one image."""
     present = [(p[key], p["input_ids"].shape[1]) for p in probes if p is not None and key in p]
     if all(v.ndim >= 2 and v.shape[0] == 1 and v.shape[1] == length for v, length in present):
         return SEQUENCE
+    if probes[2] is None:
+        return IMAGES
     one, two = probes[1].get(key), probes[2].get(key)
     if one is not None and two is not None and two.shape[0] == 2 * one.shape[0]:
         return IMAGES

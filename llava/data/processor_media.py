@@ -109,8 +109,11 @@ def takes_suffix(processor: Any) -> bool:
 
 
 def is_prompt_suffix(processor: Any) -> bool:
-    """A processor without a chat template that takes a prompt and a suffix (PaliGemma's)."""
-    return not has_chat_template(processor) and takes_suffix(processor)
+    """A processor without a chat template: it takes a bare prompt about its images, and the
+    text learnt is the answer after it (its `suffix=` where it takes one, as PaliGemma's; else
+    appended, as for Fuyu's, whose processor ends the prompt with its beginning-of-answer
+    token)."""
+    return not has_chat_template(processor)
 
 
 def find_placeholder(processor: Any, encoder: TextEncoder) -> str:
@@ -121,18 +124,10 @@ def find_placeholder(processor: Any, encoder: TextEncoder) -> str:
     and so is a processor without a chat template (one that takes a bare prompt).
     """
     if not has_chat_template(processor):
-        name = type(processor).__name__
-        if takes_suffix(processor):
-            raise ValueError(
-                f"{name} has no chat_template (nor has its tokenizer): it takes a bare prompt "
-                "and a suffix to learn, so it trains on single-turn records (PromptSuffixDataset, "
-                "--version auto) but cannot place images in a conversation"
-            )
         raise ValueError(
-            f"{name} has no chat_template (nor has its tokenizer) and its __call__ takes no "
-            "suffix: conversations and their images are placed where the processor's chat "
-            "template renders them, so a processor that takes a bare prompt cannot train or "
-            "answer here"
+            f"{type(processor).__name__} has no chat_template (nor has its tokenizer): it takes "
+            "a bare prompt and the answer after it, so it trains on single-turn records "
+            "(PromptSuffixDataset, --version auto) but cannot place images in a conversation"
         )
     without = units(apply_parts_template(processor, [Turn(USER, PROBE_TEXT)], False), encoder)
     with_image = apply_parts_template(processor, [Turn(USER, PROBE_TEXT + IMAGE_TOKEN)], False)
@@ -487,7 +482,7 @@ class ProcessorDataset(SupervisedDataset):
         raise BadRecordError(record.source, record.index, reason, record.id)
 
 
-# -- prompt + suffix processors (PaliGemma's) ------------------------------------------------------
+# -- prompt + suffix processors (PaliGemma's, Fuyu's) -----------------------------------------------
 ONE_TURN = "a prompt+suffix processor takes one user turn and one answer"
 
 
@@ -508,31 +503,65 @@ def bare_prompt(text: str) -> str:
 
 
 class PromptSuffixMedia:
-    """A processor that takes a prompt, its images and a suffix to learn, as model inputs.
+    """A processor that takes a bare prompt and its images, with the answer (the suffix) after
+    it, as model inputs.
 
-    One call gives the ids, the labels (the prompt masked, the suffix and EOS supervised) and
-    every model input (pixel_values, token_type_ids: 1 on the suffix).
+    One processor call per sample. A processor that takes `suffix=` (PaliGemma's) writes the
+    ids, the labels (the prompt masked, the suffix and EOS supervised) and every model input
+    (pixel_values, token_type_ids: 1 on the suffix). Another (Fuyu's) makes the prompt's ids
+    and inputs, and the suffix's ids and EOS follow them (`with_suffix`).
     """
 
     def __init__(self, processor: Any):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.blanks: dict[Size, Image.Image] = {}
+        self.writes_labels = takes_suffix(processor)
+        self.image_tag = self.prompt_image_tag()
+
+    def prompt_image_tag(self) -> str:
+        """The processor's image token where a prompt holds it once per image, in front
+        (PaliGemma's warns without it), or "" where the processor writes it itself (Fuyu's
+        refuses it): whichever of the two it takes on a one-image probe, in that order."""
+        image_token = getattr(self.processor, "image_token", None) or ""
+        blank = self.blank(PROBE_SIZE)
+        for tag in dict.fromkeys((image_token, "")):
+            try:
+                self.processor(text=[tag + PROBE_TEXT], images=[[blank]], return_tensors="pt")
+            except ValueError:
+                continue
+            return tag
+        raise ValueError(
+            f"{type(self.processor).__name__} takes no bare prompt with one image, with its "
+            f"image token {image_token!r} in front or without it"
+        )
 
     def __call__(
         self, prefix: str, images: Sequence[Image.Image], suffix: str | None
     ) -> dict[str, torch.Tensor]:
         """The processor's outputs for one sample (leading dim 1, or the image count); with
         `suffix` None, those of a prompt to generate after (token_type_ids all 0: the prefix)."""
-        # the processor's image tokens in front, where it places images (it warns without them)
-        image_token = getattr(self.processor, "image_token", None) or ""
+        if not images:
+            raise ValueError(
+                f"{type(self.processor).__name__} takes a bare prompt about its images: "
+                "this one has none"
+            )
+        kwargs = {"suffix": [suffix]} if self.writes_labels and suffix is not None else {}
         outputs = self.processor(
-            text=[image_token * len(images) + prefix],
-            images=[list(images)] if images else None,
-            suffix=[suffix] if suffix is not None else None,
+            text=[self.image_tag * len(images) + prefix],
+            images=[list(images)],
             return_tensors="pt",
+            **kwargs,
         )
-        return dict(outputs)
+        outputs = dict(outputs)
+        if self.writes_labels or suffix is None:
+            return outputs
+        return with_suffix(outputs, self.suffix_ids(suffix))
+
+    def suffix_ids(self, suffix: str) -> list[int]:
+        """The answer's ids as the tokenizer writes a text alone, then EOS."""
+        ids = self.tokenizer(suffix, add_special_tokens=False)["input_ids"]
+        return [*ids, self.tokenizer.eos_token_id]
 
     def blank(self, size: Size) -> Image.Image:
         if size not in self.blanks:
@@ -546,13 +575,35 @@ class PromptSuffixMedia:
         return self(prefix, blanks, suffix)["input_ids"].shape[1]
 
     def probes(self) -> list[dict[str, torch.Tensor] | None]:
-        """No text-only probe (the processor needs images), a one-image and a two-image one."""
+        """No text-only probe (a bare prompt is about images), a one-image one, and a
+        two-image one where the processor takes two images (Fuyu's takes one)."""
         blank = self.blank(PROBE_SIZE)
-        return [
-            None,
-            self(PROBE_TEXT, [blank], PROBE_TEXT),
-            self(PROBE_TEXT, [blank] * 2, PROBE_TEXT),
-        ]
+        try:
+            two = self(PROBE_TEXT, [blank] * 2, PROBE_TEXT)
+        except ValueError:
+            two = None
+        return [None, self(PROBE_TEXT, [blank], PROBE_TEXT), two]
+
+
+def with_suffix(outputs: dict[str, torch.Tensor], suffix_ids: list[int]) -> dict[str, torch.Tensor]:
+    """A prompt's processor outputs with the suffix's ids after its input_ids, labels on them
+    alone, attention on them, and every other per-token output (1, T, ...) zero after the
+    prompt (the suffix is text)."""
+    prompt_ids = outputs["input_ids"]  # (1, T)
+    length = prompt_ids.shape[1]
+    suffix = torch.tensor([suffix_ids], dtype=prompt_ids.dtype)  # (1, S)
+    extended = {}
+    for key, value in outputs.items():
+        if key == "input_ids":
+            extended[key] = torch.cat([value, suffix], dim=1)
+        elif value.ndim >= 2 and value.shape[0] == 1 and value.shape[1] == length:
+            fill = 1 if key == "attention_mask" else 0
+            tail = torch.full((1, len(suffix_ids), *value.shape[2:]), fill, dtype=value.dtype)
+            extended[key] = torch.cat([value, tail], dim=1)
+        else:
+            extended[key] = value
+    extended["labels"] = torch.cat([torch.full_like(prompt_ids, IGNORE_INDEX), suffix], dim=1)
+    return extended
 
 
 class PromptSuffixDataset(ProcessorDataset):
@@ -580,7 +631,8 @@ class PromptSuffixDataset(ProcessorDataset):
             raise ValueError(
                 "a prompt+suffix processor trains on transformers 5.x only: on 4.x PaliGemma's "
                 "forward masks the prefix from its labels alone, which the trainer keeps out of "
-                "the forward, so a training step would see the answers"
+                "the forward, so a training step would see the answers (and 4.x's Fuyu "
+                "processor lays out its prompts otherwise, untested here)"
             )
         template = get_template(template) if isinstance(template, str) else template
         if not template.uses_tokenizer_template:
