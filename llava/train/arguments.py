@@ -43,9 +43,13 @@ def is_projector_type(name: str) -> bool:
 @dataclass
 class ModelArguments:
     model_name_or_path: str = field(metadata={"help": "Causal LM checkpoint (path or hub name)."})
-    version: str = field(
-        default="v1",
-        metadata={"help": "Chat template: plain (stage 1), v1/vicuna_v1, llava_llama_2, ..."},
+    version: str | None = field(
+        default=None,
+        metadata={
+            "help": "Chat template: plain (stage 1), v1/vicuna_v1, llava_llama_2, ..., auto (the "
+            "tokenizer's own). Default: auto for a model with its own processor (a transformers "
+            "image-text-to-text checkpoint), v1 otherwise."
+        },
     )
     vision_tower: str | None = field(
         default=None,
@@ -87,7 +91,8 @@ class ModelArguments:
     )
 
     def __post_init__(self):
-        check_choice("version", self.version, tuple(TEMPLATES))
+        if self.version is not None:
+            check_choice("version", self.version, tuple(TEMPLATES))
         check_choice("mm_vision_select_feature", self.mm_vision_select_feature, SELECT_FEATURES)
         check_choice("mm_patch_merge_type", self.mm_patch_merge_type, PATCH_MERGE_TYPES)
         if not is_projector_type(self.mm_projector_type):

@@ -160,6 +160,14 @@ def prepare_model(
     return model, plan
 
 
+def template_of(model_args, processor) -> str:
+    """--version, or by default the model's own: the processor's chat template (auto) for a
+    model that brings one, LLaVA-1.5's v1 for a composed one."""
+    if model_args.version is not None:
+        return model_args.version
+    return "auto" if processor is not None else "v1"
+
+
 def build_data(model, tokenizer, model_args, data_args, args, processor=None):
     """(train dataset, validation dataset or None, collator); through `processor` when the
     model brings one, else through the model's vision tower."""
@@ -175,7 +183,7 @@ def build_data(model, tokenizer, model_args, data_args, args, processor=None):
     dataset, collator = build_supervised_data(
         tokenizer=tokenizer,
         data_args=data_args,
-        version=model_args.version,
+        version=template_of(model_args, processor),
         model_max_length=args.model_max_length,
         mm_use_im_start_end=model_args.mm_use_im_start_end,
         skip_log_dir=args.output_dir if data_args.skip_bad_records else None,
@@ -341,10 +349,10 @@ def check_flags_for_processor_model(model_args, data_args, args) -> None:
     brings its own processor and chat template: an error names each, or a warning where the
     model's own setting simply stands (the scripts pass LLaVA-1.5's)."""
     source = model_args.model_name_or_path
-    if model_args.version != "auto":
+    if model_args.version not in (None, "auto"):
         raise ValueError(
             f"--version {model_args.version}: {source} renders conversations with its own chat "
-            "template; pass --version auto"
+            "template; pass --version auto (or leave --version out)"
         )
     if model_args.mm_use_im_start_end:
         raise ValueError(
