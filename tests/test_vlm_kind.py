@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from llava.constants import IGNORE_INDEX
-from llava.model.builder import load_image_text_to_text, open_complete_model
+from llava.model.builder import language_model_only, load_image_text_to_text, open_complete_model
 from llava.model.image_text_to_text import (
     accepts_logits_to_keep,
     gathered_loss,
@@ -275,3 +275,22 @@ def test_a_class_adapted_in_its_modeling_module_is_the_one_loaded(tiny_vlm_paths
     assert type(model) is adapted
     assert recognise_checkpoint(tiny_vlm_paths[family]).name == "image-text-to-text"
     assert kind_of(model).parts(model) == kind_of(original).parts(original)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_qlora_quantizes_the_language_model_alone(family, opened, tiny_vlm_paths):
+    """QLoRA's BitsAndBytesConfig leaves the vision model, connector and head unquantized (they
+    train, or feed what trains), as the composed model quantizes its language model alone; the
+    names are the model's own parts, read before any weight is loaded."""
+    transformers = pytest.importorskip("transformers")
+    try:
+        quantization = transformers.BitsAndBytesConfig(load_in_4bit=True)
+    except ImportError as error:  # 4.55 wants bitsandbytes installed for the config alone
+        pytest.skip(f"BitsAndBytesConfig: {error}")
+    model, _ = opened[family]
+    limited = language_model_only(quantization, type(model), tiny_vlm_paths[family])
+    parts = kind_of(model).parts(model)
+    expected = {*parts[VISION], *parts[CONNECTOR], *parts[HEAD]}
+    assert set(limited.llm_int8_skip_modules) == expected
+    assert not set(parts[LANGUAGE_MODEL]) & expected
+    assert quantization.llm_int8_skip_modules is None  # the given config is left as it was

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,7 @@ from llava.model.image_text_to_text import (
 )
 from llava.model.kinds import (
     CONNECTOR,
+    HEAD,
     HF_LLAVA,
     VISION,
     ImageTextToTextKind,
@@ -579,9 +581,26 @@ def load_image_text_to_text(
     architecture = image_text_to_text_architecture(saved_config(folder) or {})
     model_class = image_text_to_text_class(architecture)
     processor = AutoProcessor.from_pretrained(folder)
+    if model_kwargs.get("quantization_config") is not None:
+        quantization = model_kwargs["quantization_config"]
+        model_kwargs["quantization_config"] = language_model_only(quantization, model_class, folder)
     model = model_class.from_pretrained(folder, torch_dtype=torch_dtype, **model_kwargs)
     structure_parts(model)
     return model, processor
+
+
+def language_model_only(quantization: Any, model_class: type, folder: str) -> Any:
+    """`quantization` (a BitsAndBytesConfig, QLoRA's) limited to the language model, as the
+    composed model quantizes its language model alone: the vision model, connector and head
+    stay in the compute dtype (they train, or feed what trains, and bitsandbytes' layers take
+    no gradient). Their names are read from the model's structure on a meta-device copy."""
+    with torch.device("meta"):
+        skeleton = model_class._from_config(AutoConfig.from_pretrained(folder))
+    parts = structure_parts(skeleton)
+    keep = [name for role in (VISION, CONNECTOR, HEAD) for name in parts[role]]
+    limited = copy.deepcopy(quantization)
+    limited.llm_int8_skip_modules = sorted({*(limited.llm_int8_skip_modules or ()), *keep})
+    return limited
 
 
 @dataclass(frozen=True)
