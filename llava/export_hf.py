@@ -43,10 +43,6 @@ def add_image_token(model, tokenizer) -> int:
     return image_token_id
 
 
-def patch_size(model) -> int:
-    return model.config.vision_tower_config["vision_config"]["patch_size"]
-
-
 def chat_template_for(conv_mode: str, tokenizer: PreTrainedTokenizerBase) -> str:
     """The Jinja chat template of a --conv-mode (auto: the tokenizer's own)."""
     template = get_template(conv_mode)
@@ -78,12 +74,13 @@ def export(
     if missing or unexpected:
         raise RuntimeError(f"Export mapping incomplete: missing {missing}, unexpected {unexpected}")
     strategy = config.vision_feature_select_strategy
+    geometry = model.vision_tower.geometry
     processor = LlavaProcessor(
         image_processor=loaded.image_processor,
         tokenizer=tokenizer,
-        patch_size=patch_size(model),
+        patch_size=geometry.patch_size,
         vision_feature_select_strategy=strategy,
-        num_additional_image_tokens=int(model.config.vision_tower_config["tower_type"] == "clip"),
+        num_additional_image_tokens=int(geometry.has_cls_token),
         image_token=IMAGE_TOKEN,
         chat_template=chat_template,
     )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from llava.data.media import ImageGeometry
+
 STAGES = ("pretrain", "finetune", "lora")
 # transformers image-text-to-text families, each a stage of its own: full fine-tuning of the
 # family's model against TRL's SFTTrainer (llava/bench/vlm_models.py, trl_baseline.py).
@@ -52,7 +54,9 @@ class BenchConfig:
 
     @property
     def num_image_tokens(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
+        """A CLIP tower's patches (LLaVA-1.5 drops its CLS feature)."""
+        size = (self.image_size, self.image_size)
+        return ImageGeometry(size, self.patch_size, has_cls_token=True).num_image_tokens
 
 
 CONFIGS: dict[str, BenchConfig] = {

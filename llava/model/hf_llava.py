@@ -13,7 +13,7 @@ from transformers import LlavaConfig as HFLlavaConfig
 from llava.constants import IMAGE_TOKEN
 from llava.conversation import ChatTemplate, fill
 from llava.model.config import LlavaConfig
-from llava.model.vision_tower import HF_MODEL_TYPES, HF_TOWERS
+from llava.model.vision_tower import HF_MODEL_TYPES, HF_TOWERS, hf_geometry
 
 # Our key prefix -> transformers' (4.55 layout: model.{vision_tower,multi_modal_projector,
 # language_model}, lm_head at the top).
@@ -144,7 +144,7 @@ def llava_config(
     select_feature = "patch"  # SigLIP's "full": all tokens are patches
     if HF_TOWERS[tower_type].has_cls_token:
         select_feature = SELECT_FEATURE_OF_STRATEGY[hf_config.vision_feature_select_strategy]
-    num_patches = (vision_config.image_size // vision_config.patch_size) ** 2
+    geometry = hf_geometry(HF_TOWERS[tower_type], vision_config, select_feature)
     return LlavaConfig(
         text_config=hf_config.text_config,
         vision_tower_config={
@@ -157,7 +157,7 @@ def llava_config(
         mm_vision_select_feature=select_feature,
         mm_projector_type="mlp2x_gelu",
         mm_hidden_size=vision_config.hidden_size,
-        num_image_tokens=num_patches + int(select_feature == "cls_patch"),
+        num_image_tokens=geometry.num_image_tokens,
         tie_word_embeddings=hf_config.text_config.tie_word_embeddings,
         # transformers' processor resizes and crops, it does not pad: answer as it prepares.
         image_aspect_ratio="square",

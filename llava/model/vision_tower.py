@@ -23,6 +23,7 @@ from transformers import (
     SiglipVisionModel,
 )
 
+from llava.data.media import ImageGeometry
 from llava.files import (
     UnreadableFileError,
     load_safetensors_file,
@@ -31,7 +32,6 @@ from llava.files import (
 )
 
 OPEN_CLIP_SCHEME = "open_clip:"
-SELECT_FEATURES = ("patch", "cls_patch")
 
 
 @dataclass(frozen=True)
@@ -57,27 +57,50 @@ HF_MODEL_TYPES = {
 }
 
 
-def check_select_feature(select_feature: str, has_cls_token: bool) -> None:
-    if select_feature not in SELECT_FEATURES:
-        raise ValueError(
-            f"Unknown mm_vision_select_feature {select_feature!r}; known: {', '.join(SELECT_FEATURES)}"
-        )
-    if select_feature == "cls_patch" and not has_cls_token:
-        raise ValueError("mm_vision_select_feature 'cls_patch' needs a tower with a CLS token")
+def hf_geometry(kind: HFTowerKind, config: Any, select_feature: str) -> ImageGeometry:
+    """The geometry of a transformers CLIP / SigLIP vision config (a config object or dict)."""
+    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key)
+    size, patch = get("image_size"), get("patch_size")
+    return ImageGeometry((size, size), patch, kind.has_cls_token, select_feature)
+
+
+def open_clip_geometry(model_cfg: dict[str, Any], select_feature: str) -> ImageGeometry:
+    """The geometry of an open_clip model config's `vision_cfg` (a ViT with a CLS token)."""
+    vision = model_cfg["vision_cfg"]
+    size, patch = vision["image_size"], vision["patch_size"]
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    patch = patch if isinstance(patch, int) else patch[0]
+    return ImageGeometry(size, patch, True, select_feature)
+
+
+def tower_geometry(tower_config: dict[str, Any], select_feature: str = "patch") -> ImageGeometry:
+    """The geometry of a LlavaConfig's `vision_tower_config` (what `config_dict()` stored)."""
+    if tower_config["tower_type"] == "open_clip":
+        return open_clip_geometry(tower_config["vision_config"], select_feature)
+    kind = HF_TOWERS[tower_config["tower_type"]]
+    return hf_geometry(kind, tower_config["vision_config"], select_feature)
 
 
 class VisionTower(nn.Module):
     """Base class: frozen (no grad) unless a parameter is made trainable.
 
-    Subclasses set `tower_type`, `num_image_tokens`, `hidden_size`, `image_processor` and implement
+    Subclasses set `tower_type`, `geometry`, `hidden_size`, `image_processor` and implement
     `features(pixel_values) -> (N, num_image_tokens, hidden_size)`.
     """
 
     tower_type: str
-    num_image_tokens: int
+    geometry: ImageGeometry
     hidden_size: int
-    image_size: tuple[int, int]  # (height, width) of the pixels the tower takes
     image_processor: Any
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.geometry.num_image_tokens
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) of the pixels the tower takes."""
+        return self.geometry.image_size
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         trainable = any(p.requires_grad for p in self.parameters())
@@ -111,8 +134,8 @@ class HFVisionTower(VisionTower):
     ):
         super().__init__()
         kind = HF_TOWERS[tower_type]
-        check_select_feature(select_feature, kind.has_cls_token)
         config = vision_model.config
+        self.geometry = hf_geometry(kind, config, select_feature)
         num_states = config.num_hidden_layers + 1  # embeddings + every layer
         if not -num_states <= select_layer < num_states:
             raise ValueError(
@@ -125,9 +148,6 @@ class HFVisionTower(VisionTower):
         self.select_layer = select_layer
         self.select_feature = select_feature
         self.hidden_size = config.hidden_size
-        self.image_size = (config.image_size, config.image_size)
-        num_patches = (config.image_size // config.patch_size) ** 2
-        self.num_image_tokens = num_patches + int(select_feature == "cls_patch")
         self.drop_cls = kind.has_cls_token and select_feature == "patch"
 
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -157,7 +177,12 @@ class OpenClipVisionTower(VisionTower):
         select_feature: str,
     ):
         super().__init__()
-        check_select_feature(select_feature, has_cls_token=True)
+        self.geometry = open_clip_geometry(model_cfg, select_feature)
+        if self.geometry.grid != tuple(visual.grid_size):
+            raise ValueError(
+                f"open_clip config grid {self.geometry.grid} differs from the built model's "
+                f"{tuple(visual.grid_size)}"
+            )
         num_blocks = len(visual.transformer.resblocks)
         # Same convention as HF: index into [embeddings, block_0, ..., block_{L-1}].
         state_index = select_layer % (num_blocks + 1)
@@ -173,9 +198,6 @@ class OpenClipVisionTower(VisionTower):
         self.select_feature = select_feature
         self.block_index = state_index - 1
         self.hidden_size = visual.transformer.width
-        self.image_size = tuple(visual.image_size)
-        grid = visual.grid_size
-        self.num_image_tokens = grid[0] * grid[1] + int(select_feature == "cls_patch")
 
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         out = self.visual.forward_intermediates(
@@ -397,13 +419,11 @@ def describe_vision_tower(spec: str, select_feature: str = "patch") -> tuple[Any
     """(image processor, num_image_tokens) of a tower, without loading its weights."""
     if spec.startswith(OPEN_CLIP_SCHEME):
         model_cfg = open_clip_model_cfg(spec[len(OPEN_CLIP_SCHEME) :])
-        check_select_feature(select_feature, has_cls_token=True)
+        geometry = open_clip_geometry(model_cfg, select_feature)
         visual = build_open_clip_visual(model_cfg, weights=None)
-        grid = visual.grid_size
-        return open_clip_processor(visual), grid[0] * grid[1] + int(select_feature == "cls_patch")
+        return open_clip_processor(visual), geometry.num_image_tokens
     kind = HF_TOWERS[hf_tower_type(spec)]
-    check_select_feature(select_feature, kind.has_cls_token)
     config = kind.config_class.from_pretrained(spec)
+    geometry = hf_geometry(kind, config, select_feature)
     processor = load_hf_processor(kind, spec, config.image_size)
-    num_patches = (config.image_size // config.patch_size) ** 2
-    return processor, num_patches + int(select_feature == "cls_patch")
+    return processor, geometry.num_image_tokens

@@ -18,8 +18,8 @@ from transformers.hf_argparser import string_to_bool
 from llava.compat import restored_training_fields
 from llava.conversation import TEMPLATES
 from llava.data.images import ASPECT_RATIOS, DEFAULT_MAX_IMAGE_PIXELS
+from llava.data.media import SELECT_FEATURES
 from llava.model.projector import MLP_PATTERN, PROJECTORS
-from llava.model.vision_tower import SELECT_FEATURES
 
 PATCH_MERGE_TYPES = ("flat",)
 PROJECTOR_TYPES = (*PROJECTORS, "mlp{N}x_gelu (N >= 1, e.g. mlp2x_gelu)")

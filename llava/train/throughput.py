@@ -10,6 +10,7 @@ import torch
 from transformers import TrainerCallback
 
 from llava.constants import IGNORE_INDEX
+from llava.model.vision_tower import tower_geometry
 from llava.train.stages import LORA, TRAINS, StagePlan
 
 # Dense peak FLOP/s by (device name fragment, dtype). The CPU rows are this project's 2-core
@@ -189,24 +190,25 @@ def projector_layers(projector_type: str, vision: int, text: int) -> list[tuple[
 
 
 def tower_shape(tower_config: dict[str, Any], select_feature: str = "patch") -> TowerShape:
-    """The ViT shape of a LlavaConfig's `vision_tower_config` (HF CLIP / SigLIP / open_clip)."""
+    """The ViT shape of a LlavaConfig's `vision_tower_config` (HF CLIP / SigLIP / open_clip);
+    its patches and tokens from the tower's ImageGeometry."""
     vision = tower_config["vision_config"]
     if tower_config["tower_type"] == "open_clip":
         width = vision["vision_cfg"]["width"]
         layers = vision["vision_cfg"]["layers"]
-        patch = vision["vision_cfg"]["patch_size"]
-        image = vision["vision_cfg"]["image_size"]
         intermediate = int(width * vision["vision_cfg"].get("mlp_ratio", 4.0))
-        has_cls = True
     else:
         width, layers = vision["hidden_size"], vision["num_hidden_layers"]
-        patch, image = vision["patch_size"], vision["image_size"]
         intermediate = vision["intermediate_size"]
-        has_cls = tower_config["tower_type"] == "clip"
-    num_patches = (image // patch) ** 2
-    features = num_patches + int(select_feature == "cls_patch")
+    geometry = tower_geometry(tower_config, select_feature)
     return TowerShape(
-        layers, width, intermediate, patch, num_patches, num_patches + has_cls, features
+        layers,
+        width,
+        intermediate,
+        geometry.patch_size,
+        geometry.num_patches,
+        geometry.positions,
+        geometry.num_image_tokens,
     )
 
 
