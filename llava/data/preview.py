@@ -47,6 +47,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image_folder", default=None)
     parser.add_argument("--vision_tower", default=None)
     parser.add_argument("--mm_vision_select_feature", default="patch")
+    parser.add_argument(
+        "--mm_projector_type",
+        default="mlp2x_gelu",
+        help="With --vision_tower: a token-reducing projector changes the image tokens.",
+    )
     parser.add_argument("--num_image_tokens", type=int, default=None, help="Instead of a tower.")
     parser.add_argument("--image_size", type=int, default=224, help="With --num_image_tokens.")
     parser.add_argument("--image_aspect_ratio", default="square", choices=["square", "pad"])
@@ -74,7 +79,7 @@ def image_processor_and_tokens(args: argparse.Namespace) -> tuple[Any, int]:
         from llava.model.builder import load_vision_tower_processor
 
         processor, num_tokens = load_vision_tower_processor(
-            args.vision_tower, args.mm_vision_select_feature
+            args.vision_tower, args.mm_vision_select_feature, args.mm_projector_type
         )
         return processor, args.num_image_tokens or num_tokens
     if args.num_image_tokens:

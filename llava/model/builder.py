@@ -52,6 +52,7 @@ from llava.model.kinds import (
     saved_config,
 )
 from llava.model.llava import LlavaForCausalLM
+from llava.model.projector import projector_reduction
 from llava.model.vision_tower import (
     HF_TOWERS,
     HFVisionTower,
@@ -108,10 +109,10 @@ def check_tokenizer_source(name_or_path: str) -> None:
 
 
 def load_vision_tower_processor(
-    vision_tower: str, select_feature: str = "patch"
+    vision_tower: str, select_feature: str = "patch", projector_type: str = "mlp2x_gelu"
 ) -> tuple[Any, int]:
-    """(image processor, num_image_tokens) of a tower, without loading its weights."""
-    return describe_vision_tower(vision_tower, select_feature)
+    """(image processor, num_image_tokens) of a tower and projector, without loading weights."""
+    return describe_vision_tower(vision_tower, select_feature, projector_reduction(projector_type))
 
 
 def build_llava_model(
@@ -157,9 +158,9 @@ def build_llava_model(
         mm_vision_select_feature=mm_vision_select_feature,
         mm_projector_type=mm_projector_type,
         mm_hidden_size=tower.hidden_size,
-        num_image_tokens=tower.num_image_tokens,
     )
     model = LlavaForCausalLM(config, vision_tower=tower, language_model=language_model)
+    config.num_image_tokens = model.num_image_tokens  # with the projector's token reduction
     if torch_dtype is not None:
         model.projector.to(torch_dtype)
     return model

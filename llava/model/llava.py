@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -16,8 +17,9 @@ from transformers.modeling_utils import AttentionInterface
 
 from llava.compat import portable_state_dict
 from llava.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
+from llava.data.media import ImageGeometry
 from llava.model.config import LlavaConfig
-from llava.model.projector import build_projector
+from llava.model.projector import build_projector, projector_reduction
 from llava.model.vision_tower import VisionTower, build_vision_tower_from_config
 
 # Supervised positions per cross-entropy chunk: bounds the float32 logits held at once.
@@ -217,7 +219,10 @@ class LlavaForCausalLM(PreTrainedModel):
             language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.vision_tower = vision_tower
         self.projector = build_projector(
-            config.mm_projector_type, vision_tower.hidden_size, config.text_config.hidden_size
+            config.mm_projector_type,
+            vision_tower.hidden_size,
+            config.text_config.hidden_size,
+            grid=self.geometry.grid,
         )
         self.language_model = language_model
         self._no_split_modules = list(getattr(language_model, "_no_split_modules", None) or [])
@@ -249,8 +254,14 @@ class LlavaForCausalLM(PreTrainedModel):
         self.language_model.set_output_embeddings(value)
 
     @property
+    def geometry(self) -> ImageGeometry:
+        """The tower's geometry with the projector's token reduction (if its type has one)."""
+        reduction = projector_reduction(self.config.mm_projector_type)
+        return replace(self.vision_tower.geometry, reduction=reduction)
+
+    @property
     def num_image_tokens(self) -> int:
-        return self.vision_tower.num_image_tokens
+        return self.geometry.num_image_tokens
 
     # -- images into embeddings ---------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:

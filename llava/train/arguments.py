@@ -19,10 +19,9 @@ from llava.compat import restored_training_fields
 from llava.conversation import TEMPLATES
 from llava.data.images import ASPECT_RATIOS, DEFAULT_MAX_IMAGE_PIXELS
 from llava.data.media import SELECT_FEATURES
-from llava.model.projector import MLP_PATTERN, PROJECTORS
+from llava.model.projector import split_projector_type
 
 PATCH_MERGE_TYPES = ("flat",)
-PROJECTOR_TYPES = (*PROJECTORS, "mlp{N}x_gelu (N >= 1, e.g. mlp2x_gelu)")
 LORA_BIASES = ("none", "all", "lora_only")
 QUANT_TYPES = ("nf4", "fp4")
 BITS = (4, 8, 16)
@@ -33,11 +32,6 @@ def check_choice(flag: str, value: object, allowed: tuple) -> None:
     if value not in allowed:
         choices = ", ".join(str(choice) for choice in allowed)
         raise ValueError(f"--{flag} must be one of {choices}, not {value!r}")
-
-
-def is_projector_type(name: str) -> bool:
-    match = MLP_PATTERN.match(name)
-    return name in PROJECTORS or (match is not None and int(match.group(1)) >= 1)
 
 
 @dataclass
@@ -65,7 +59,11 @@ class ModelArguments:
         default="patch", metadata={"help": "patch (drop CLS) or cls_patch."}
     )
     mm_projector_type: str = field(
-        default="linear", metadata={"help": "linear, identity or mlp{N}x_gelu."}
+        default="linear",
+        metadata={
+            "help": "linear, identity or mlp{N}x_gelu, optionally after a token reduction: "
+            "spatial_pool{K}[_bilinear]+HEAD or pixel_shuffle{K}+HEAD (K x K cells to one token)."
+        },
     )
     pretrain_mm_mlp_adapter: str | None = field(
         default=None, metadata={"help": "mm_projector.bin from stage 1 to start the projector."}
@@ -95,8 +93,10 @@ class ModelArguments:
             check_choice("version", self.version, tuple(TEMPLATES))
         check_choice("mm_vision_select_feature", self.mm_vision_select_feature, SELECT_FEATURES)
         check_choice("mm_patch_merge_type", self.mm_patch_merge_type, PATCH_MERGE_TYPES)
-        if not is_projector_type(self.mm_projector_type):
-            check_choice("mm_projector_type", self.mm_projector_type, PROJECTOR_TYPES)
+        try:
+            split_projector_type(self.mm_projector_type)
+        except ValueError as error:
+            raise ValueError(f"--mm_projector_type: {error}") from None
 
 
 @dataclass

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
 from llava.constants import IGNORE_INDEX
+from llava.model.projector import projector_reduction, split_projector_type
 from llava.model.vision_tower import tower_geometry
 from llava.train.stages import LORA, TRAINS, StagePlan
 
@@ -165,14 +166,18 @@ def build_flop_model(
     projector: list[tuple[int, int]],
     text: TextShape,
     grads: StageGrads,
+    projector_tokens: int | None = None,
 ) -> FlopModel:
+    """`projector_tokens`: the tokens the projector's linears run over (after a token
+    reduction), default the tower's features."""
+    tokens = tower.features if projector_tokens is None else projector_tokens
     tower_flops = tower.forward_flops() * (3 if grads.tower else 1)
     # Input gradients run through the whole LM: something before its last layer trains in
     # every stage (the projector, the LM itself or LoRA adapters in its first layers).
     lm_multiplier = 2 + int(grads.language_model)
     lora = 3 * text.lora_token_forward_flops(grads.lora_rank) if grads.lora_rank else 0.0
     return FlopModel(
-        image_flops=tower_flops + projector_flops(projector, tower.features, grads),
+        image_flops=tower_flops + projector_flops(projector, tokens, grads),
         token_flops=text.token_forward_flops() * lm_multiplier + lora,
         attention_flops=text.attention_forward_flops() * 3,
         supervised_flops=2 * text.hidden * text.vocab * (2 + int(grads.head)),
@@ -180,12 +185,16 @@ def build_flop_model(
 
 
 def projector_layers(projector_type: str, vision: int, text: int) -> list[tuple[int, int]]:
-    """(in, out) of the projector's linears: linear, identity or mlp{N}x_gelu."""
-    if projector_type == "identity":
+    """(in, out) of the projector's linears: linear, identity or mlp{N}x_gelu, after any token
+    reduction (pixel_shuffle widens their input; pooling has no weights)."""
+    reduction, head = split_projector_type(projector_type)
+    if reduction is not None:
+        vision *= reduction.width_factor
+    if head == "identity":
         return []
-    if projector_type == "linear":
+    if head == "linear":
         return [(vision, text)]
-    depth = int(projector_type.removeprefix("mlp").split("x", 1)[0])
+    depth = int(head.removeprefix("mlp").split("x", 1)[0])
     return [(vision, text)] + [(text, text)] * (depth - 1)
 
 
@@ -232,7 +241,11 @@ def flop_model_for(config: Any, grads: StageGrads) -> FlopModel:
     text = text_shape(config.text_config)
     vision_width = config.mm_hidden_size or tower.width
     layers = projector_layers(config.mm_projector_type, vision_width, text.hidden)
-    return build_flop_model(tower, layers, text, grads)
+    geometry = replace(
+        tower_geometry(config.vision_tower_config, config.mm_vision_select_feature),
+        reduction=projector_reduction(config.mm_projector_type),
+    )
+    return build_flop_model(tower, layers, text, grads, geometry.num_image_tokens)
 
 
 def stage_grads(plan: StagePlan, lora_rank: int = 0) -> StageGrads:
