@@ -11,6 +11,7 @@ all ask it; nothing else writes the formula.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 SELECT_FEATURES = ("patch", "cls_patch")
@@ -118,3 +119,126 @@ class ImageGeometry:
             return self.num_features
         rows, columns = self.reduction.output_grid(self.grid)
         return rows * columns
+
+
+# -- AnyRes (LLaVA-NeXT, OneVision) -------------------------------------------------------------
+Resolution = tuple[int, int]  # (height, width) in pixels
+MERGES = ("spatial_unpad", "flat")
+PINPOINT_RANGE = re.compile(r"^\((\d+)x(\d+)\),\.\.\.,\((\d+)x(\d+)\)$")
+PINPOINT = re.compile(r"(\d+)\s*[x,]\s*(\d+)")
+
+
+def parse_pinpoints(text: str, tile_size: int) -> tuple[Resolution, ...]:
+    """`--image_grid_pinpoints`: a range of tile grids as LLaVA-NeXT writes it, "(1x1),...,(3x3)"
+    (every grid from the first to the last, in tiles of `tile_size` pixels), or a list of
+    resolutions in pixels, "[(336, 672), (672, 336)]" or "336x672,672x336" ((height, width), as
+    transformers reads them). Each must be a whole number of tiles."""
+    compact = text.replace(" ", "")
+    match = PINPOINT_RANGE.match(compact)
+    if match:
+        first_rows, first_columns, last_rows, last_columns = map(int, match.groups())
+        grids = [
+            (rows, columns)
+            for rows in range(first_rows, last_rows + 1)
+            for columns in range(first_columns, last_columns + 1)
+        ]
+        pinpoints = tuple((rows * tile_size, columns * tile_size) for rows, columns in grids)
+    else:
+        pinpoints = tuple((int(h), int(w)) for h, w in PINPOINT.findall(text))
+    if not pinpoints:
+        raise ValueError(
+            f"--image_grid_pinpoints {text!r}: expected a range such as (1x1),...,(3x3) or a "
+            "list of resolutions such as [(336, 672), (672, 336)]"
+        )
+    for height, width in pinpoints:
+        if height % tile_size or width % tile_size or not height or not width:
+            raise ValueError(
+                f"--image_grid_pinpoints: {height}x{width} is not a whole number of the tower's "
+                f"{tile_size} px tiles"
+            )
+    return pinpoints
+
+
+@dataclass(frozen=True)
+class AnyResLayout:
+    """How one image is seen: resized into `resolution`, cut into `tiles` (rows, columns) of the
+    tower's size beside a downscaled base image; the tiles' features form a grid of
+    `feature_grid` (rows, columns) after unpadding, each row closed by a newline token."""
+
+    resolution: Resolution
+    tiles: tuple[int, int]
+    feature_grid: tuple[int, int]
+    num_image_tokens: int
+
+
+@dataclass(frozen=True)
+class AnyRes:
+    """LLaVA-NeXT's AnyRes over a tower of `tile` geometry.
+
+    The image is fitted into the best of `pinpoints` (the most of its pixels kept, then the
+    least waste), cut into tiles the tower takes, and a downscaled copy of the whole image goes
+    first. `merge` "spatial_unpad" arranges the tiles' features as one grid, drops the rows or
+    columns that are padding for the image's aspect ratio, and ends each row with a learned
+    newline; "flat" keeps every tile's features in order. `max_tiles` (OneVision's
+    anyres_max_N) shrinks an unpadded grid of more than about N tiles' features.
+    """
+
+    pinpoints: tuple[Resolution, ...]
+    tile: ImageGeometry
+    merge: str = "spatial_unpad"
+    max_tiles: int | None = None
+
+    def __post_init__(self):
+        if self.merge not in MERGES:
+            raise ValueError(f"--mm_patch_merge_type {self.merge!r}: anyres takes {MERGES}")
+        if self.tile.reduction is not None or self.tile.select_feature != "patch":
+            raise ValueError("anyres takes the tower's patch features, without a token reduction")
+        rows, columns = self.tile.image_size
+        for height, width in self.pinpoints:
+            if height % rows or width % columns:
+                raise ValueError(f"pinpoint {height}x{width} is not a whole number of tiles")
+
+    def best_resolution(self, size: tuple[int, int]) -> Resolution:
+        """The pinpoint an image of `size` (width, height) is fitted into."""
+        width, height = size
+        best, best_kept, best_waste = None, -1, None
+        for target_height, target_width in self.pinpoints:
+            scale = min(target_width / width, target_height / height)
+            kept = min(int(width * scale) * int(height * scale), width * height)
+            waste = target_height * target_width - kept
+            if kept > best_kept or (kept == best_kept and waste < best_waste):
+                best, best_kept, best_waste = (target_height, target_width), kept, waste
+        return best
+
+    def layout(self, size: tuple[int, int]) -> AnyResLayout:
+        """The layout of an image of `size` (width, height), known from its size alone."""
+        width, height = size
+        resolution = self.best_resolution(size)
+        tile_rows, tile_columns = self.tile.image_size
+        tiles = (resolution[0] // tile_rows, resolution[1] // tile_columns)
+        grid_rows, grid_columns = self.tile.grid
+        rows, columns = grid_rows * tiles[0], grid_columns * tiles[1]
+        base = self.tile.num_image_tokens
+        if self.merge == "flat":
+            return AnyResLayout(resolution, tiles, (rows, columns), base + rows * columns)
+        rows, columns = unpadded_grid(rows, columns, height, width)
+        if self.max_tiles is not None:
+            ratio = math.sqrt(rows * columns / (self.max_tiles * grid_rows**2))
+            if ratio > 1.1:
+                rows, columns = int(rows // ratio), int(columns // ratio)
+        return AnyResLayout(resolution, tiles, (rows, columns), base + rows * (columns + 1))
+
+    def num_image_tokens(self, size: tuple[int, int]) -> int:
+        return self.layout(size).num_image_tokens
+
+
+def unpadded_grid(rows: int, columns: int, height: int, width: int) -> tuple[int, int]:
+    """The part of a rows x columns feature grid an image of height x width fills when fitted
+    into it centred: the padding rows (or columns) on both sides dropped."""
+    if width / height > columns / rows:  # wider: padded above and below
+        fitted = int(round(height * (columns / width), 7))
+        rows -= (rows - fitted) // 2 * 2
+    else:
+        fitted = int(round(width * (rows / height), 7))
+        columns -= (columns - fitted) // 2 * 2
+    return rows, columns
