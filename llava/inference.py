@@ -19,6 +19,7 @@ import torch
 
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN
 from llava.conversation import USER, Segment, Turn
+from llava.data.anyres_data import AnyResMedia
 from llava.data.collator import pad_token_id_of
 from llava.data.images import load_image, process_images
 from llava.data.processor_collator import OWN_KEYS, ProcessorCollator, batching_rules
@@ -42,7 +43,8 @@ class Prompt:
     """One generation request: prompt ids (placeholders expanded) and its images' pixels."""
 
     input_ids: list[int]
-    pixel_values: torch.Tensor | None  # (num_images, 3, H, W)
+    pixel_values: torch.Tensor | None  # (num_images, 3, H, W); anyres: (tiles, 3, H, W)
+    image_sizes: torch.Tensor | None = None  # anyres: (num_images, 2), (height, width)
 
 
 def with_image_tag(question: str, num_images: int) -> str:
@@ -99,6 +101,12 @@ class Answerer:
             self.model.num_image_tokens,
             mm_use_im_start_end=bool(self.model.config.mm_use_im_start_end),
         )
+        anyres = getattr(self.model, "anyres", None)
+        self.anyres_media = None
+        if anyres is not None:  # each image's tokens and tiles by its size
+            self.anyres_media = AnyResMedia(
+                anyres, loaded.image_processor, self.conversation.image_ids_for
+            )
 
     @property
     def device(self) -> torch.device:
@@ -112,7 +120,15 @@ class Answerer:
         return process_images(images, self.loaded.image_processor, aspect)
 
     def prompt(self, turns: list[Turn], image_sources: Sequence[Any] = ()) -> Prompt:
-        return Prompt(self.conversation.encode_prompt(turns), self.pixels(image_sources))
+        if self.anyres_media is None:
+            return Prompt(self.conversation.encode_prompt(turns), self.pixels(image_sources))
+        images = [load_image(source) for source in image_sources]
+        image_ids = [self.anyres_media.image_ids(image.size) for image in images]
+        input_ids = self.conversation.encode_prompt(turns, image_ids)
+        if not images:
+            return Prompt(input_ids, None)
+        pixels = self.anyres_media.pixels(images)
+        return Prompt(input_ids, pixels["pixel_values"], pixels["image_sizes"])
 
     def question_prompt(self, question: str, image_sources: Sequence[Any] = ()) -> Prompt:
         turns = [Turn(USER, with_image_tag(question, len(image_sources)))]
@@ -129,11 +145,15 @@ class Answerer:
             attention_mask[row, width - len(prompt.input_ids) :] = 1
         images = [p.pixel_values for p in prompts if p.pixel_values is not None]
         pixel_values = torch.cat(images).to(self.device, self.model.dtype) if images else None
-        return {
+        batch = {
             "input_ids": input_ids.to(self.device),
             "attention_mask": attention_mask.to(self.device),
             "pixel_values": pixel_values,
         }
+        sizes = [p.image_sizes for p in prompts if p.image_sizes is not None]
+        if sizes:
+            batch["image_sizes"] = torch.cat(sizes).to(self.device)
+        return batch
 
     def new_tokens(self, output: torch.Tensor, prompt_width: int) -> torch.Tensor:
         """LlavaForCausalLM.generate() returns the new tokens alone."""

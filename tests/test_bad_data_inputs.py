@@ -218,11 +218,15 @@ TEMPLATE_NAMES = (
     "qwen_2, mistral_instruct, gemma, gemma_instruct, auto"
 )
 BAD_FLAGS = {
-    "image_aspect_ratio": ("weird", "pad, square"),
+    "image_aspect_ratio": ("weird", "pad, square, anyres, anyres_max_N"),
     "version": ("vicuna_v9", TEMPLATE_NAMES),
-    "mm_projector_type": ("mlp0x_gelu", "linear, identity, mlp{N}x_gelu (N >= 1, e.g. mlp2x_gelu)"),
+    "mm_projector_type": (
+        "mlp0x_gelu",
+        "linear, identity, mlp{N}x_gelu (N >= 1, e.g. mlp2x_gelu), REDUCTION+any of those "
+        "(REDUCTION: spatial_pool{K}, spatial_pool{K}_bilinear or pixel_shuffle{K}, K >= 2)",
+    ),
     "mm_vision_select_feature": ("cls", "patch, cls_patch"),
-    "mm_patch_merge_type": ("spatial_unpad", "flat"),
+    "mm_patch_merge_type": ("unpad", "flat, spatial_unpad"),
     "lora_bias": ("some", "none, all, lora_only"),
     "quant_type": ("int4", "nf4, fp4"),
     "bits": ("2", "4, 8, 16"),
@@ -258,7 +262,10 @@ def test_closed_set_flags_accept_listed_values(tmp_path):
 
 
 def test_aspect_ratio_is_checked_before_the_data_is_read(tmp_path, tokenizer):
-    with pytest.raises(ValueError, match=r"^--image_aspect_ratio must be one of pad, square, not"):
+    with pytest.raises(
+        ValueError,
+        match=r"^--image_aspect_ratio must be one of pad, square, anyres or anyres_max_N, not",
+    ):
         load_supervised_dataset(
             str(tmp_path / "absent.json"), tokenizer, "v1", 512, image_aspect_ratio="weird"
         )

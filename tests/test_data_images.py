@@ -83,6 +83,9 @@ def test_unreadable_image_and_unknown_aspect_ratio(tmp_path, processor):
     with pytest.raises(ValueError, match="unreadable image .*broken.jpg"):
         load_image(str(broken))
     with pytest.raises(
-        ValueError, match="--image_aspect_ratio must be one of pad, square, not 'anyres'"
+        ValueError,
+        match="--image_aspect_ratio must be one of pad, square, anyres or anyres_max_N, not 'fill'",
     ):
-        process_images([Image.new("RGB", (4, 4))], processor, "anyres")
+        process_images([Image.new("RGB", (4, 4))], processor, "fill")
+    with pytest.raises(ValueError, match="anyres images are cut into tiles"):
+        process_images([Image.new("RGB", (4, 4))], processor, "anyres_max_9")

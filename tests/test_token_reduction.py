@@ -46,7 +46,7 @@ def test_names(name, reduction, head):
 def test_unknown_names_are_refused_with_the_known_forms(name):
     with pytest.raises(ValueError, match=r"mm_projector_type|no token reduction|takes no mode"):
         split_projector_type(name)
-    with pytest.raises(ValueError, match="--mm_projector_type"):
+    with pytest.raises(ValueError, match="--mm_projector_type must be one of"):
         parse_arguments(["--model_name_or_path", "m", "--mm_projector_type", name])
 
 

@@ -54,6 +54,13 @@ def bucket_lengths(max_length: int, num_buckets: int, multiple: int = 8) -> tupl
     return tuple(sorted(lengths))
 
 
+def image_sizes_of(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """AnyRes samples' `image_sizes` ((n, 2) each) in the order given, as {"image_sizes":
+    (N_images, 2)}; nothing for samples without them."""
+    sizes = [s["image_sizes"] for s in samples if s.get("image_sizes") is not None]
+    return {"image_sizes": torch.cat(sizes)} if sizes else {}
+
+
 @dataclass
 class SupervisedCollator:
     """Samples {"input_ids" (T,), "labels" (T,), "pixel_values" (n, 3, H, W) | None} -> batch."""
@@ -93,6 +100,7 @@ class SupervisedCollator:
             batch.update(self.fixed_image_slots(pixels))
         elif pixels:
             batch["pixel_values"] = torch.cat(pixels)  # (N_images, 3, H, W), sample order
+            batch.update(image_sizes_of(samples))
         return batch
 
     def fixed_image_slots(self, pixels: list[torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -33,6 +33,7 @@ from llava.data.images import (
     load_image,
     process_images,
 )
+from llava.data.media import is_anyres
 from llava.data.skipped import DECODE, LOAD, SkipLog
 from llava.data.tokenize import (
     NO_SUPERVISION,
@@ -250,24 +251,38 @@ def load_supervised_dataset(
     mm_use_im_start_end: bool = False,
     skip_log_dir: str | None = None,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    anyres: Any = None,
 ) -> SupervisedDataset:
     """Read a data path (any supported format) into a SupervisedDataset.
 
     `skip_log_dir` (the run's output_dir): with skip_bad_records, every skipped record is
     listed there (see llava.data.skipped). `max_image_pixels`: larger images are bad records.
+    `anyres` (llava.data.media.AnyRes, the model's, with --image_aspect_ratio anyres): each
+    image's tokens and tiles by its size (llava.data.anyres_data.AnyResDataset).
     """
     template = get_template(version)
     check_aspect_ratio(image_aspect_ratio)  # before any file is read
+    if (anyres is not None) != is_anyres(image_aspect_ratio):
+        raise ValueError(
+            f"--image_aspect_ratio {image_aspect_ratio} and the model's "
+            f"{'anyres' if anyres is not None else 'fixed-size'} images disagree"
+        )
     loaded = load_records(
         data_path, image_folder, dataset_text_field, dataset_image_field, skip_bad_records
     )
-    return SupervisedDataset(
+    if anyres is not None:
+        from llava.data.anyres_data import AnyResDataset  # it builds on this module
+
+        dataset_class, image_inputs = AnyResDataset, {"anyres": anyres}
+    else:
+        dataset_class, image_inputs = SupervisedDataset, {"num_image_tokens": num_image_tokens}
+    return dataset_class(
         loaded.records,
         tokenizer,
         template,
         model_max_length,
         image_processor=image_processor,
-        num_image_tokens=num_image_tokens,
+        **image_inputs,
         image_aspect_ratio=image_aspect_ratio,
         mm_use_im_start_end=mm_use_im_start_end,
         skip_bad_records=skip_bad_records,
@@ -304,6 +319,7 @@ def build_supervised_data(
     padding_side: str = "right",
     skip_log_dir: str | None = None,
     processor: Any = None,
+    anyres: Any = None,
 ) -> tuple[SupervisedDataset, Any]:
     """The training entry's one call: (train_dataset, data_collator) from LLaVA's flags.
 
@@ -339,6 +355,7 @@ def build_supervised_data(
         mm_use_im_start_end=mm_use_im_start_end,
         skip_log_dir=skip_log_dir,
         max_image_pixels=getattr(data_args, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS),
+        anyres=anyres,
     )
     if len(dataset) == 0:
         raise ValueError(f"no trainable sample in {data_args.data_path}: {dataset.summary.line()}")

@@ -16,16 +16,19 @@ from typing import Any
 import torch
 from PIL import Image
 
+from llava.data.media import is_anyres
+
 ASPECT_RATIOS = ("pad", "square")
 # Pillow's own default limit (its DecompressionBombWarning threshold), the --max_image_pixels default.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
 
 def check_aspect_ratio(image_aspect_ratio: str) -> None:
-    if image_aspect_ratio not in ASPECT_RATIOS:
+    """pad, square, or anyres / anyres_max_N (LLaVA-NeXT's tiles, llava.data.media.AnyRes)."""
+    if image_aspect_ratio not in ASPECT_RATIOS and not is_anyres(image_aspect_ratio):
         raise ValueError(
-            f"--image_aspect_ratio must be one of {', '.join(ASPECT_RATIOS)}, "
-            f"not {image_aspect_ratio!r}"
+            f"--image_aspect_ratio must be one of {', '.join(ASPECT_RATIOS)}, anyres or "
+            f"anyres_max_N, not {image_aspect_ratio!r}"
         )
 
 
@@ -152,6 +155,11 @@ def process_images(
 ) -> torch.Tensor:
     """RGB images -> pixel_values (N, 3, H, W) in the processor's size and normalisation."""
     check_aspect_ratio(image_aspect_ratio)
+    if is_anyres(image_aspect_ratio):
+        raise ValueError(
+            f"--image_aspect_ratio {image_aspect_ratio}: anyres images are cut into tiles by "
+            "llava.data.anyres_data.AnyResMedia, not made one square each"
+        )
     if image_aspect_ratio == "pad":
         background = mean_colour(image_processor)
         images = [expand_to_square(image, background) for image in images]

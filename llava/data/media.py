@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 SELECT_FEATURES = ("patch", "cls_patch")
@@ -242,3 +243,29 @@ def unpadded_grid(rows: int, columns: int, height: int, width: int) -> tuple[int
         fitted = int(round(width * (rows / height), 7))
         columns -= (columns - fitted) // 2 * 2
     return rows, columns
+
+
+ANYRES_ASPECT = re.compile(r"^anyres(?:_max_(\d+))?$")
+
+
+def is_anyres(image_aspect_ratio: str) -> bool:
+    """`--image_aspect_ratio anyres` or OneVision's `anyres_max_N`."""
+    return ANYRES_ASPECT.match(image_aspect_ratio or "") is not None
+
+
+def anyres_of(
+    image_aspect_ratio: str,
+    pinpoints: Sequence[Sequence[int]] | None,
+    merge: str,
+    tile: ImageGeometry,
+) -> AnyRes | None:
+    """The AnyRes of a model's settings (None unless its aspect ratio is anyres): pinpoints as
+    (height, width) pairs, `merge` its mm_patch_merge_type, `tile` its tower's geometry."""
+    match = ANYRES_ASPECT.match(image_aspect_ratio or "")
+    if match is None:
+        return None
+    if not pinpoints:
+        raise ValueError(f"--image_aspect_ratio {image_aspect_ratio} needs --image_grid_pinpoints")
+    max_tiles = int(match.group(1)) if match.group(1) else None
+    resolutions = tuple((int(height), int(width)) for height, width in pinpoints)
+    return AnyRes(resolutions, tile, merge, max_tiles)

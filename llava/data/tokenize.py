@@ -163,10 +163,22 @@ class ConversationTokenizer:
         self.encoder = TextEncoder(tokenizer)
         # the ids before a text that does not begin with BOS (a processor may write its own)
         self.leading_ids = self.encoder.prefix_ids
-        self.image_ids = [IMAGE_PLACEHOLDER_ID] * num_image_tokens
+        self.markers = None
         if mm_use_im_start_end:
-            self.image_ids = [marker_id(tokenizer, IMAGE_START_TOKEN), *self.image_ids]
-            self.image_ids.append(marker_id(tokenizer, IMAGE_END_TOKEN))
+            self.markers = (
+                marker_id(tokenizer, IMAGE_START_TOKEN),
+                marker_id(tokenizer, IMAGE_END_TOKEN),
+            )
+        self.image_ids = self.image_ids_for(num_image_tokens)
+
+    def image_ids_for(self, num_image_tokens: int) -> list[int]:
+        """The ids of an image of `num_image_tokens` tokens: its placeholders, between the
+        <im_start> and <im_end> markers under --mm_use_im_start_end."""
+        ids = [IMAGE_PLACEHOLDER_ID] * num_image_tokens
+        if self.markers is None:
+            return ids
+        start, end = self.markers
+        return [start, *ids, end]
 
     def pieces(self, segments: list[Segment]) -> list[Piece]:
         """(kind, value, supervised) with kind text | special | image | end (of a segment)."""
@@ -246,27 +258,42 @@ class ConversationTokenizer:
     def render(self, turns: list[Turn], add_generation_prompt: bool = False) -> list[Segment]:
         return render(self.template, list(turns), self.tokenizer, add_generation_prompt)
 
-    def encode_many(self, turns_list: list[list[Turn]]) -> list[EncodedConversation | ValueError]:
-        """Encode many conversations (fast); one that cannot be rendered gives its error."""
+    def encode_many(
+        self,
+        turns_list: list[list[Turn]],
+        image_ids_list: Sequence[Sequence[Sequence[int]]] | None = None,
+    ) -> list[EncodedConversation | ValueError]:
+        """Encode many conversations (fast); one that cannot be rendered gives its error.
+
+        `image_ids_list`: per conversation, each image's ids (where they depend on the image's
+        size, as AnyRes's do); None: every image is `self.image_ids`."""
         rendered: list[list[Segment] | ValueError] = []
         for turns in turns_list:
             try:
                 rendered.append(self.render(turns))
             except ValueError as error:
                 rendered.append(error)
-        good = [segments for segments in rendered if not isinstance(segments, ValueError)]
-        encoded = iter(self.encode_segments(good))
+        image_ids_list = image_ids_list or [None] * len(rendered)
+        good = [
+            (segments, image_ids)
+            for segments, image_ids in zip(rendered, image_ids_list)
+            if not isinstance(segments, ValueError)
+        ]
+        encoded = iter(self.encode_segments([g[0] for g in good], [g[1] for g in good]))
         return [item if isinstance(item, ValueError) else next(encoded) for item in rendered]
 
     def encode(self, turns: list[Turn]) -> EncodedConversation:
         """The whole conversation, untruncated."""
         return self.encode_segments([self.render(turns)])[0]
 
-    def encode_prompt(self, turns: list[Turn]) -> list[int]:
-        """Ids of a generation prompt: the turns so far, ending where the answer starts."""
+    def encode_prompt(
+        self, turns: list[Turn], image_ids: Sequence[Sequence[int]] | None = None
+    ) -> list[int]:
+        """Ids of a generation prompt: the turns so far, ending where the answer starts
+        (`image_ids`: each image's, where they depend on its size)."""
         segments = self.render(turns, add_generation_prompt=True)
         unsupervised = [Segment(segment.text, False) for segment in segments]
-        return self.encode_segments([unsupervised])[0].input_ids
+        return self.encode_segments([unsupervised], [image_ids])[0].input_ids
 
     def __call__(self, turns: list[Turn], max_length: int) -> tuple[TokenizedSample | None, str]:
         """The sample to train on (or None) and the outcome: kept, shortened, too_long, ..."""

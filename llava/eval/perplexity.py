@@ -146,6 +146,7 @@ def supervised_data(
         dataset_image_field=args.dataset_image_field,
         image_aspect_ratio=getattr(config, "image_aspect_ratio", "square") or "square",
         mm_use_im_start_end=bool(config.mm_use_im_start_end),
+        anyres=getattr(loaded.model, "anyres", None),
     )
     return dataset, SupervisedCollator(pad_token_id)
 

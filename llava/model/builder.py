@@ -23,6 +23,7 @@ from transformers import (
 from transformers import LlavaConfig as HFLlavaConfig
 
 from llava.compat import native_state_dict
+from llava.data.media import is_anyres, parse_pinpoints
 from llava.device import resolve_device
 from llava.files import (
     CONFIG_FILE,
@@ -125,11 +126,16 @@ def build_llava_model(
     torch_dtype: torch.dtype | None = None,
     attn_implementation: str | None = "sdpa",
     language_model_kwargs: dict[str, Any] | None = None,
+    image_aspect_ratio: str = "pad",
+    image_grid_pinpoints: str | None = None,
+    mm_patch_merge_type: str = "flat",
 ) -> LlavaForCausalLM:
     """Join a pretrained causal LM and a pretrained vision tower with a fresh projector.
 
     `language_model_kwargs` go to `AutoModelForCausalLM.from_pretrained` (for example a
-    `quantization_config` for QLoRA).
+    `quantization_config` for QLoRA). With `image_aspect_ratio` anyres / anyres_max_N, images
+    are tiled into `image_grid_pinpoints` (a range such as "(1x1),...,(3x3)" in tiles, or a list
+    of resolutions) and laid out by `mm_patch_merge_type` (spatial_unpad or flat).
     """
     check_pretrained_source(model_name_or_path)
     if os.path.isdir(vision_tower):  # an HF tower folder; open_clip specs and hub ids are not
@@ -150,6 +156,18 @@ def build_llava_model(
         torch_dtype=torch_dtype,
     )
     tower.requires_grad_(False)
+    pinpoints = None
+    if is_anyres(image_aspect_ratio):
+        if not image_grid_pinpoints:
+            raise ValueError(
+                f"--image_aspect_ratio {image_aspect_ratio} needs --image_grid_pinpoints"
+            )
+        tile_height, tile_width = tower.geometry.image_size
+        if tile_height != tile_width:
+            raise ValueError(
+                f"anyres takes a tower of square tiles, not {tile_height}x{tile_width}"
+            )
+        pinpoints = [list(p) for p in parse_pinpoints(image_grid_pinpoints, tile_height)]
     config = LlavaConfig(
         text_config=language_model.config,
         vision_tower_config=tower.config_dict(),
@@ -158,6 +176,9 @@ def build_llava_model(
         mm_vision_select_feature=mm_vision_select_feature,
         mm_projector_type=mm_projector_type,
         mm_hidden_size=tower.hidden_size,
+        image_aspect_ratio=image_aspect_ratio,
+        image_grid_pinpoints=pinpoints,
+        mm_patch_merge_type=mm_patch_merge_type,
     )
     model = LlavaForCausalLM(config, vision_tower=tower, language_model=language_model)
     config.num_image_tokens = model.num_image_tokens  # with the projector's token reduction

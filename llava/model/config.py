@@ -32,8 +32,14 @@ class LlavaConfig(PretrainedConfig):
         image_aspect_ratio: str = "pad",
         mm_use_im_start_end: bool = False,
         num_image_tokens: int | None = None,
+        image_grid_pinpoints: list[list[int]] | None = None,
+        mm_patch_merge_type: str = "flat",
         **kwargs: Any,
     ):
+        """With `image_aspect_ratio` anyres (or anyres_max_N), `image_grid_pinpoints` are the
+        (height, width) resolutions images are tiled into and `mm_patch_merge_type`
+        (spatial_unpad or flat) how the tiles' features are laid out; `num_image_tokens` is then
+        a square image's count (each image's follows from its size)."""
         if isinstance(text_config, dict):
             text_config = dict(text_config)
             text_config = AutoConfig.for_model(text_config.pop("model_type"), **text_config)
@@ -46,6 +52,8 @@ class LlavaConfig(PretrainedConfig):
         self.image_aspect_ratio = image_aspect_ratio
         self.mm_use_im_start_end = mm_use_im_start_end
         self.num_image_tokens = num_image_tokens
+        self.image_grid_pinpoints = image_grid_pinpoints
+        self.mm_patch_merge_type = mm_patch_merge_type
         if text_config is not None:
             kwargs.setdefault("tie_word_embeddings", text_config.tie_word_embeddings)
         super().__init__(**kwargs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Any
 
@@ -17,7 +18,8 @@ from transformers.modeling_utils import AttentionInterface
 
 from llava.compat import portable_state_dict
 from llava.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
-from llava.data.media import ImageGeometry
+from llava.data.media import AnyRes, ImageGeometry, anyres_of
+from llava.model.anyres import pack_image_features
 from llava.model.config import LlavaConfig
 from llava.model.projector import build_projector, projector_reduction
 from llava.model.vision_tower import VisionTower, build_vision_tower_from_config
@@ -190,6 +192,9 @@ def register_packed_attention() -> None:
     AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)
 
 
+ANYRES_NEWLINE = "image_newline"  # the projector's learned end-of-row token (spatial_unpad)
+
+
 class LlavaForCausalLM(PreTrainedModel):
     """Composition of `vision_tower`, `projector` and `language_model` (any causal LM)."""
 
@@ -225,6 +230,11 @@ class LlavaForCausalLM(PreTrainedModel):
             grid=self.geometry.grid,
         )
         self.language_model = language_model
+        self.anyres = self.anyres_of_config()
+        if self.anyres is not None and self.anyres.merge == "spatial_unpad":
+            width = config.text_config.hidden_size  # LLaVA-NeXT's init: N(0, 1 / width)
+            newline = nn.Parameter(torch.randn(width) / math.sqrt(width))
+            self.projector.register_parameter(ANYRES_NEWLINE, newline)
         self._no_split_modules = list(getattr(language_model, "_no_split_modules", None) or [])
         # Collects the parts' tied weights and other static properties (5.x needs them to load
         # and save). Initialises only what is not initialised yet: the projector (a no-op,
@@ -252,6 +262,22 @@ class LlavaForCausalLM(PreTrainedModel):
 
     def set_output_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_output_embeddings(value)
+
+    def anyres_of_config(self) -> AnyRes | None:
+        """The config's AnyRes (image_aspect_ratio anyres / anyres_max_N), None otherwise."""
+        config = self.config
+        if config.image_aspect_ratio and projector_reduction(config.mm_projector_type):
+            if config.image_aspect_ratio.startswith("anyres"):
+                raise ValueError(
+                    f"--image_aspect_ratio {config.image_aspect_ratio} takes a projector without "
+                    f"a token reduction, not {config.mm_projector_type}"
+                )
+        return anyres_of(
+            config.image_aspect_ratio,
+            config.image_grid_pinpoints,
+            config.mm_patch_merge_type,
+            self.vision_tower.geometry,
+        )
 
     @property
     def geometry(self) -> ImageGeometry:
@@ -286,7 +312,7 @@ class LlavaForCausalLM(PreTrainedModel):
         return weights[0].dtype if weights else self.get_input_embeddings().weight.dtype
 
     def check_image_tokens(
-        self, image_mask: torch.Tensor, num_images: int | torch.Tensor, per_image: int
+        self, image_mask: torch.Tensor, num_images: int | torch.Tensor, per_image: int | None
     ) -> None:
         """Raise when the placeholders and the image features differ in number.
 
@@ -301,7 +327,7 @@ class LlavaForCausalLM(PreTrainedModel):
             self.deferred_image_errors = mismatch if pending is None else pending + mismatch
             return
         num_tokens, num_images = int(image_mask.sum()), int(num_images)
-        num_features = num_images * per_image
+        num_features = num_images * (per_image or 1)
         if num_tokens == num_features:
             return
         if num_images == 0:
@@ -309,9 +335,10 @@ class LlavaForCausalLM(PreTrainedModel):
                 f"input_ids hold {num_tokens} image placeholder tokens but no pixel_values were "
                 "given"
             )
+        each = f"{num_images} images x {per_image} tokens each" if per_image else "anyres"
         raise ValueError(
             f"Image features and image tokens do not match: tokens: {num_tokens}, features: "
-            f"{num_features} ({num_images} images x {per_image} tokens each)"
+            f"{num_features} ({each})"
         )
 
     def raise_deferred_image_errors(self) -> None:
@@ -329,6 +356,7 @@ class LlavaForCausalLM(PreTrainedModel):
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         num_images: int | torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token embeddings with each image's features written over its placeholder run.
 
@@ -336,7 +364,8 @@ class LlavaForCausalLM(PreTrainedModel):
         placeholders (in row-major order) receives the k-th image of pixel_values.
         `num_images` says how many images of pixel_values are real when a static-shape batch
         pads them with blank ones after the real (None: all are real); masked_scatter takes the
-        features in order, so the blank ones are never written.
+        features in order, so the blank ones are never written. With anyres, pixel_values are
+        every image's base and tiles and `image_sizes` (N, 2) each image's (height, width).
         """
         image_mask = input_ids == IMAGE_PLACEHOLDER_ID  # (B, T)
         embed_tokens = self.get_input_embeddings()
@@ -346,10 +375,37 @@ class LlavaForCausalLM(PreTrainedModel):
             if torch.is_grad_enabled() and self.training:
                 embeds = embeds + 0.0 * self.image_path_dummy_output(embeds)
             return embeds
-        image_features = self.encode_images(pixel_values)  # (N, P, D)
-        real = image_features.shape[0] if num_images is None else num_images
-        self.check_image_tokens(image_mask, real, image_features.shape[1])
+        if self.anyres is not None:
+            image_features = self.encode_anyres_images(pixel_values, image_sizes)  # (M, D)
+            self.check_image_tokens(image_mask, image_features.shape[0], None)
+        else:
+            image_features = self.encode_images(pixel_values)  # (N, P, D)
+            real = image_features.shape[0] if num_images is None else num_images
+            self.check_image_tokens(image_mask, real, image_features.shape[1])
         return embeds.masked_scatter(image_mask.unsqueeze(-1), image_features.to(embeds.dtype))
+
+    def encode_anyres_images(
+        self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Every image's base and tiles (tiles, 3, H, W) -> (M, D): each image's tokens as its
+        layout packs them (llava.model.anyres), images in order."""
+        if image_sizes is None:
+            raise ValueError("anyres pixel_values need image_sizes, each image's (height, width)")
+        sizes = [(width, height) for height, width in image_sizes.tolist()]
+        layouts = [self.anyres.layout(size) for size in sizes]
+        counts = [1 + layout.tiles[0] * layout.tiles[1] for layout in layouts]
+        if sum(counts) != pixel_values.shape[0]:
+            raise ValueError(
+                f"anyres pixel_values hold {pixel_values.shape[0]} tiles; the images' sizes "
+                f"{sizes} make {sum(counts)}"
+            )
+        features = self.encode_images(pixel_values)  # (tiles, P, D)
+        newline = getattr(self.projector, ANYRES_NEWLINE, None)
+        packed = [
+            pack_image_features(chunk, self.anyres, size, newline)
+            for chunk, size in zip(features.split(counts), sizes)
+        ]
+        return torch.cat(packed)
 
     def image_path_dummy_output(self, like: torch.Tensor) -> torch.Tensor:
         """A scalar that depends on the whole image path: one blank image through tower and projector.
@@ -360,7 +416,11 @@ class LlavaForCausalLM(PreTrainedModel):
         gradient for every trainable parameter (the projector) on every rank.
         """
         blank = self.vision_tower.blank_pixel_values(like.device)  # (1, 3, H, W)
-        return self.encode_images(blank).sum().to(like.dtype)
+        output = self.encode_images(blank).sum()
+        newline = getattr(self.projector, ANYRES_NEWLINE, None)
+        if newline is not None:  # anyres's row ends are trained beside the projector
+            output = output + newline.sum()
+        return output.to(like.dtype)
 
     # -- forward and generate -----------------------------------------------------------------
     def forward(
@@ -375,11 +435,12 @@ class LlavaForCausalLM(PreTrainedModel):
         use_cache: bool | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
         num_images: torch.Tensor | int | None = None,
+        image_sizes: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """With labels: loss on supervised positions only (no logits). Without: the LM's output."""
         if inputs_embeds is None:
-            inputs_embeds = self.embed_inputs(input_ids, pixel_values, num_images)
+            inputs_embeds = self.embed_inputs(input_ids, pixel_values, num_images, image_sizes)
         if labels is None:
             return self.language_model(
                 inputs_embeds=inputs_embeds,
@@ -412,10 +473,11 @@ class LlavaForCausalLM(PreTrainedModel):
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
         **generate_kwargs: Any,
     ) -> torch.Tensor:
         """Generate from a prompt with images; returns only the new tokens (B, new)."""
-        inputs_embeds = self.embed_inputs(input_ids, pixel_values)
+        inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_sizes=image_sizes)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         return self.language_model.generate(

@@ -18,10 +18,19 @@ from transformers.hf_argparser import string_to_bool
 from llava.compat import restored_training_fields
 from llava.conversation import TEMPLATES
 from llava.data.images import ASPECT_RATIOS, DEFAULT_MAX_IMAGE_PIXELS
-from llava.data.media import SELECT_FEATURES
+from llava.data.media import SELECT_FEATURES, is_anyres
 from llava.model.projector import split_projector_type
 
-PATCH_MERGE_TYPES = ("flat",)
+PATCH_MERGE_TYPES = ("flat", "spatial_unpad")
+PROJECTOR_TYPES = (
+    "linear",
+    "identity",
+    "mlp{N}x_gelu (N >= 1, e.g. mlp2x_gelu)",
+    "REDUCTION+any of those (REDUCTION: spatial_pool{K}, spatial_pool{K}_bilinear or "
+    "pixel_shuffle{K}, K >= 2)",
+)
+# anyres as a closed set's member, for the error (any N >= 1 is taken)
+ASPECT_CHOICES = (*ASPECT_RATIOS, "anyres", "anyres_max_N")
 LORA_BIASES = ("none", "all", "lora_only")
 QUANT_TYPES = ("nf4", "fp4")
 BITS = (4, 8, 16)
@@ -85,7 +94,19 @@ class ModelArguments:
         metadata={"help": "Accepted for compatibility; image placeholders need no vocab entry."},
     )
     mm_patch_merge_type: str = field(
-        default="flat", metadata={"help": "Accepted for compatibility; only 'flat' exists."}
+        default="flat",
+        metadata={
+            "help": "With --image_aspect_ratio anyres: spatial_unpad (LLaVA-NeXT's tiles as one "
+            "unpadded grid, a learned newline per row) or flat (every tile's features in order)."
+        },
+    )
+    image_grid_pinpoints: str | None = field(
+        default=None,
+        metadata={
+            "help": "With --image_aspect_ratio anyres: the resolutions images are tiled into, a "
+            "range of tile grids as LLaVA-NeXT writes it, (1x1),...,(3x3), or a list of "
+            "(height, width) pixels, [(336, 672), (672, 336), (672, 672)]."
+        },
     )
 
     def __post_init__(self):
@@ -95,8 +116,8 @@ class ModelArguments:
         check_choice("mm_patch_merge_type", self.mm_patch_merge_type, PATCH_MERGE_TYPES)
         try:
             split_projector_type(self.mm_projector_type)
-        except ValueError as error:
-            raise ValueError(f"--mm_projector_type: {error}") from None
+        except ValueError:
+            check_choice("mm_projector_type", self.mm_projector_type, PROJECTOR_TYPES)
 
 
 @dataclass
@@ -141,7 +162,8 @@ class DataArguments:
     )
 
     def __post_init__(self):
-        check_choice("image_aspect_ratio", self.image_aspect_ratio, ASPECT_RATIOS)
+        if not is_anyres(self.image_aspect_ratio):
+            check_choice("image_aspect_ratio", self.image_aspect_ratio, ASPECT_CHOICES)
         if self.max_image_pixels < 0:
             raise ValueError(
                 f"--max_image_pixels must be 0 (no limit) or more, not {self.max_image_pixels}"

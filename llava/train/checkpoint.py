@@ -4,6 +4,7 @@ plan trains in full beside LoRA adapters)."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from llava.model.kinds import CONNECTOR, kind_of, parameter_roles, parts_by_role, unwrap_base
+from llava.model.llava import ANYRES_NEWLINE
 from llava.model.weights import (
     NON_LORA_TRAINABLES_FILE,
     PROJECTOR_FILE,
@@ -20,6 +22,8 @@ from llava.model.weights import (
     read_projector_file,
 )
 from llava.train.stages import TRAINS, StagePlan
+
+logger = logging.getLogger(__name__)
 
 
 def is_partitioned(parameter: nn.Parameter) -> bool:
@@ -62,6 +66,11 @@ def load_projector(model: nn.Module, path: str) -> None:
     projector = parts_by_role(model)[CONNECTOR]
     state = read_projector_file(path)
     expected = dict(projector.named_parameters())
+    if set(expected) - set(state) == {ANYRES_NEWLINE} and set(state) < set(expected):
+        # an anyres stage 2 over a stage 1 on square images (LLaVA-NeXT's recipe): the newline
+        # starts from its fresh initialisation
+        logger.warning("%s has no %s: it starts fresh", path, ANYRES_NEWLINE)
+        expected.pop(ANYRES_NEWLINE)
     if set(state) != set(expected):
         raise ValueError(
             f"{path} holds projector keys {sorted(state)}, but this model's "
