@@ -1,4 +1,5 @@
-"""Export to a transformers LlavaForConditionalGeneration folder (model, processor, template).
+"""Export to a transformers LlavaForConditionalGeneration folder (model, processor, template);
+an anyres model (spatial_unpad, no anyres_max_N cap) to LlavaNextForConditionalGeneration.
 
     python -m llava.export_hf --model-path P [--model-base B] --output-dir D [--conv-mode v1]
 
@@ -12,11 +13,18 @@ import argparse
 import os
 
 import torch
-from transformers import LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerBase
+from transformers import (
+    LlavaForConditionalGeneration,
+    LlavaNextForConditionalGeneration,
+    LlavaNextProcessor,
+    LlavaProcessor,
+    PreTrainedTokenizerBase,
+)
 
 from llava.compat import make_config_portable, portable_state_dict, save_processor
 from llava.constants import IMAGE_TOKEN
 from llava.conversation import get_template
+from llava.data.anyres_data import anyres_image_processor
 from llava.model.builder import load_pretrained_model
 from llava.model.hf_llava import (
     check_exportable,
@@ -43,6 +51,13 @@ def add_image_token(model, tokenizer) -> int:
     return image_token_id
 
 
+def hf_model_class(model) -> type:
+    """transformers' class of the export: LlavaNext for an anyres model, else Llava."""
+    return (
+        LlavaForConditionalGeneration if model.anyres is None else LlavaNextForConditionalGeneration
+    )
+
+
 def chat_template_for(conv_mode: str, tokenizer: PreTrainedTokenizerBase) -> str:
     """The Jinja chat template of a --conv-mode (auto: the tokenizer's own)."""
     template = get_template(conv_mode)
@@ -67,7 +82,7 @@ def export(
     chat_template = tokenizer.chat_template = chat_template_for(conv_mode, tokenizer)
     image_token_id = add_image_token(model, tokenizer)
     config = hf_llava_config(model.config, image_token_id)
-    hf_model = LlavaForConditionalGeneration(config)
+    hf_model = hf_model_class(model)(config)
     missing, unexpected = hf_model.load_state_dict(
         hf_llava_state_dict(model.state_dict()), strict=False
     )
@@ -75,8 +90,12 @@ def export(
         raise RuntimeError(f"Export mapping incomplete: missing {missing}, unexpected {unexpected}")
     strategy = config.vision_feature_select_strategy
     geometry = model.vision_tower.geometry
-    processor = LlavaProcessor(
-        image_processor=loaded.image_processor,
+    processor_class, image_processor = LlavaProcessor, loaded.image_processor
+    if model.anyres is not None:  # LlavaNext's: the tiles its model packs
+        processor_class = LlavaNextProcessor
+        image_processor = anyres_image_processor(loaded.image_processor, model.anyres)
+    processor = processor_class(
+        image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=geometry.patch_size,
         vision_feature_select_strategy=strategy,

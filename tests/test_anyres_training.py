@@ -168,3 +168,41 @@ def test_a_saved_anyres_model_reloads_and_answers_a_batch_as_each_prompt_alone(
     together = answerer.generate(prompts, **greedy)
     alone = [answerer.generate([prompt], **greedy)[0] for prompt in prompts]
     assert together == alone
+
+
+def test_export_writes_a_llava_next_folder_with_the_same_logits(
+    anyres_model, training_assets, dataset, tmp_path
+):
+    """export_hf of an anyres model: LlavaNextForConditionalGeneration and its processor, which
+    plain transformers opens; its processor's tiles and image tokens and its logits are ours."""
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+    from llava.export_hf import export
+
+    anyres_model.save_pretrained(tmp_path / "model")
+    load_tokenizer(training_assets["llm"]).save_pretrained(tmp_path / "model")
+    export(str(tmp_path / "model"), str(tmp_path / "hf"))
+    theirs = LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    processor = AutoProcessor.from_pretrained(tmp_path / "hf")
+    i = next(i for i in range(len(dataset)) if image_sizes(dataset, i))
+    sample = dataset[i]
+    image = Image.open(dataset.samples[i][0].images[0]).convert("RGB")
+    inputs = processor(
+        text=["<image>\nWhat colour is the square?"], images=[image], return_tensors="pt"
+    )
+    assert torch.equal(inputs["pixel_values"][0], sample["pixel_values"])
+    assert inputs["image_sizes"].tolist() == sample["image_sizes"].tolist()
+    image_token_id = theirs.config.image_token_id
+    ours_ids = inputs["input_ids"].masked_fill(
+        inputs["input_ids"] == image_token_id, IMAGE_PLACEHOLDER_ID
+    )
+    anyres_model.eval()
+    with torch.no_grad():
+        our_logits = anyres_model(
+            input_ids=ours_ids,
+            pixel_values=sample["pixel_values"],
+            image_sizes=sample["image_sizes"],
+        ).logits
+        their_logits = theirs(**inputs).logits
+    anyres_model.train()
+    assert torch.allclose(our_logits, their_logits, atol=1e-5, rtol=1e-5)

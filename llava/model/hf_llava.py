@@ -23,6 +23,7 @@ KEY_PREFIXES = (
     ("projector.2.", "model.multi_modal_projector.linear_2."),
     ("language_model.model.", "model.language_model."),
     ("language_model.lm_head.", "lm_head."),
+    ("projector.image_newline", "model.image_newline"),  # LlavaNext's (anyres)
 )
 # transformers' key prefix -> ours: the names of a loaded model (4.55 and 5.x alike) and the
 # older top-level names both lines still write to files (vision_tower., language_model.model.).
@@ -38,8 +39,21 @@ INVERSE_KEY_PREFIXES = tuple((theirs, ours) for ours, theirs in KEY_PREFIXES) + 
 
 
 def check_exportable(config: LlavaConfig) -> None:
-    """transformers' Llava has an HF CLIP/SigLIP tower and a two-layer GELU MLP projector."""
+    """transformers' Llava has an HF CLIP/SigLIP tower and a two-layer GELU MLP projector;
+    its LlavaNext takes AnyRes with spatial_unpad and no anyres_max_N cap."""
     tower_type = config.vision_tower_config["tower_type"]
+    aspect = config.image_aspect_ratio or ""
+    if aspect.startswith("anyres"):
+        if aspect != "anyres":
+            raise ValueError(
+                f"image_aspect_ratio {aspect} (OneVision's cap) does not map onto "
+                "LlavaNextForConditionalGeneration, which takes plain anyres"
+            )
+        if config.mm_patch_merge_type != "spatial_unpad":
+            raise ValueError(
+                f"mm_patch_merge_type {config.mm_patch_merge_type!r} does not map onto "
+                "LlavaNextForConditionalGeneration, which unpads its tiles (spatial_unpad)"
+            )
     if config.mm_projector_type != "mlp2x_gelu":
         raise ValueError(
             f"Only mlp2x_gelu projectors map onto LlavaForConditionalGeneration; this model's "
@@ -51,7 +65,12 @@ def check_exportable(config: LlavaConfig) -> None:
         )
 
 
+def is_anyres_config(config: LlavaConfig) -> bool:
+    return (config.image_aspect_ratio or "").startswith("anyres")
+
+
 def hf_llava_config(config: LlavaConfig, image_token_id: int) -> HFLlavaConfig:
+    """transformers' Llava config of our config (LlavaNext's for an anyres model)."""
     check_exportable(config)
     vision_config = dict(config.vision_tower_config["vision_config"])
     if config.vision_tower_config["tower_type"] == "clip":
@@ -59,7 +78,7 @@ def hf_llava_config(config: LlavaConfig, image_token_id: int) -> HFLlavaConfig:
     strategy = "full" if config.mm_vision_select_feature == "cls_patch" else "default"
     if config.vision_tower_config["tower_type"] == "siglip":
         strategy = "full"  # no CLS token to drop
-    return HFLlavaConfig(
+    settings = dict(
         vision_config=vision_config,
         text_config=config.text_config.to_dict(),
         image_token_index=image_token_id,
@@ -69,6 +88,11 @@ def hf_llava_config(config: LlavaConfig, image_token_id: int) -> HFLlavaConfig:
         image_seq_length=config.num_image_tokens,
         tie_word_embeddings=config.text_config.tie_word_embeddings,
     )
+    if is_anyres_config(config):
+        from transformers import LlavaNextConfig
+
+        return LlavaNextConfig(image_grid_pinpoints=config.image_grid_pinpoints, **settings)
+    return HFLlavaConfig(**settings)
 
 
 def renamed_keys(
