@@ -104,3 +104,26 @@ def test_a_transformers_vlm_is_previewed_through_its_own_processor(
     end = {"qwen2_vl": "<|im_end|>", "idefics3": "<end_of_utterance>"}[family]
     assert f"⟦red{end}⟧" in sample["text"].replace(" ", "")
     assert "<image x" in sample["text"]
+
+
+def test_anyres_previews_each_images_tokens_by_its_size(data_args, tiny_clip_path, capsys):
+    """--image_aspect_ratio anyres with a tower and pinpoints: the image's placeholders are
+    AnyRes's count for its size, its pixels the base image and its tiles."""
+    from PIL import Image
+
+    from llava.data.media import AnyRes, parse_pinpoints
+    from llava.model.vision_tower import describe_tower
+
+    flags = [f for f in data_args if f not in ("--num_image_tokens", "4", "--image_size", "32")]
+    flags += ["--vision_tower", tiny_clip_path, "--image_aspect_ratio", "anyres"]
+    flags += ["--image_grid_pinpoints", "(1x1),...,(2x2)", "--json", "--version", "v1"]
+    assert main(flags) == 0
+    first = json.loads(capsys.readouterr().out.splitlines()[0])
+    image = Image.open(os.path.join(flags[flags.index("--image_folder") + 1], "a.png"))
+    _, geometry = describe_tower(tiny_clip_path)
+    anyres = AnyRes(parse_pinpoints("(1x1),...,(2x2)", 32), geometry)
+    layout = anyres.layout(image.size)
+    assert first["input_ids"].count(IMAGE_PLACEHOLDER_ID) == layout.num_image_tokens
+    assert first["pixel_values_shape"] == [1 + layout.tiles[0] * layout.tiles[1], 3, 32, 32]
+    with pytest.raises(ValueError, match="needs --vision_tower .* and --image_grid_pinpoints"):
+        main([*data_args, "--image_aspect_ratio", "anyres"])

@@ -54,7 +54,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--num_image_tokens", type=int, default=None, help="Instead of a tower.")
     parser.add_argument("--image_size", type=int, default=224, help="With --num_image_tokens.")
-    parser.add_argument("--image_aspect_ratio", default="square", choices=["square", "pad"])
+    parser.add_argument(
+        "--image_aspect_ratio",
+        default="square",
+        help="square, pad, or anyres / anyres_max_N (with --vision_tower and "
+        "--image_grid_pinpoints: each image's tokens by its size)",
+    )
+    parser.add_argument("--image_grid_pinpoints", default=None, help="With anyres.")
+    parser.add_argument(
+        "--mm_patch_merge_type", default="spatial_unpad", choices=["spatial_unpad", "flat"]
+    )
     parser.add_argument("--model_max_length", type=int, default=2048)
     parser.add_argument("--dataset_text_field", default=None)
     parser.add_argument("--dataset_image_field", default=None)
@@ -228,6 +237,7 @@ def composed_dataset(args: argparse.Namespace) -> tuple[SupervisedDataset, Any]:
     """(dataset, tokenizer) with a vision tower's (or a llava-hf folder's) image settings."""
     tokenizer = load_tokenizer(args)
     processor, num_image_tokens = image_processor_and_tokens(args)
+    anyres = anyres_of_flags(args)
     dataset = load_supervised_dataset(
         args.data_path,
         tokenizer,
@@ -242,8 +252,27 @@ def composed_dataset(args: argparse.Namespace) -> tuple[SupervisedDataset, Any]:
         skip_bad_records=args.skip_bad_records,
         mm_use_im_start_end=args.mm_use_im_start_end,
         max_image_pixels=args.max_image_pixels,
+        anyres=anyres,
     )
     return dataset, tokenizer
+
+
+def anyres_of_flags(args: argparse.Namespace) -> Any:
+    """The AnyRes of --image_aspect_ratio anyres with --vision_tower's tiles, else None."""
+    from llava.data.media import anyres_of, is_anyres, parse_pinpoints
+
+    if not is_anyres(args.image_aspect_ratio):
+        return None
+    if not args.vision_tower or not args.image_grid_pinpoints:
+        raise ValueError(
+            f"--image_aspect_ratio {args.image_aspect_ratio} needs --vision_tower (its tiles) "
+            "and --image_grid_pinpoints"
+        )
+    from llava.model.vision_tower import describe_tower
+
+    _, geometry = describe_tower(args.vision_tower, args.mm_vision_select_feature)
+    pinpoints = parse_pinpoints(args.image_grid_pinpoints, geometry.image_size[0])
+    return anyres_of(args.image_aspect_ratio, pinpoints, args.mm_patch_merge_type, geometry)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -415,18 +415,22 @@ def build_vision_tower_from_config(
     return HFVisionTower(tower_type, vision_model, processor, select_layer, select_feature)
 
 
+def describe_tower(spec: str, select_feature: str = "patch") -> tuple[Any, ImageGeometry]:
+    """(image processor, geometry) of a tower, without loading its weights."""
+    if spec.startswith(OPEN_CLIP_SCHEME):
+        model_cfg = open_clip_model_cfg(spec[len(OPEN_CLIP_SCHEME) :])
+        geometry = open_clip_geometry(model_cfg, select_feature)
+        return open_clip_processor(build_open_clip_visual(model_cfg, weights=None)), geometry
+    kind = HF_TOWERS[hf_tower_type(spec)]
+    config = kind.config_class.from_pretrained(spec)
+    geometry = hf_geometry(kind, config, select_feature)
+    return load_hf_processor(kind, spec, config.image_size), geometry
+
+
 def describe_vision_tower(
     spec: str, select_feature: str = "patch", reduction: TokenReduction | None = None
 ) -> tuple[Any, int]:
     """(image processor, num_image_tokens) of a tower, without loading its weights; with a
     projector's token `reduction`, the tokens after it."""
-    if spec.startswith(OPEN_CLIP_SCHEME):
-        model_cfg = open_clip_model_cfg(spec[len(OPEN_CLIP_SCHEME) :])
-        geometry = replace(open_clip_geometry(model_cfg, select_feature), reduction=reduction)
-        visual = build_open_clip_visual(model_cfg, weights=None)
-        return open_clip_processor(visual), geometry.num_image_tokens
-    kind = HF_TOWERS[hf_tower_type(spec)]
-    config = kind.config_class.from_pretrained(spec)
-    geometry = replace(hf_geometry(kind, config, select_feature), reduction=reduction)
-    processor = load_hf_processor(kind, spec, config.image_size)
-    return processor, geometry.num_image_tokens
+    processor, geometry = describe_tower(spec, select_feature)
+    return processor, replace(geometry, reduction=reduction).num_image_tokens
