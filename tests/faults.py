@@ -77,10 +77,10 @@ def inject(point: str, step: int, victim: int) -> None:
         mixin._save_optimizer_and_scheduler = _save_optimizer_and_scheduler
     elif point == "before_commit":
 
-        def commit_checkpoint(folder):
+        def commit_checkpoint(folder, *args):
             if here and folder.endswith(f"checkpoint-{step}"):
                 die()
-            return commit.commit_checkpoint(folder)
+            return commit.commit_checkpoint(folder, *args)
 
         trainer_module.commit_checkpoint = commit_checkpoint
     elif point == "during_rotation":

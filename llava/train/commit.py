@@ -4,9 +4,11 @@ A save (`LlavaTrainerMixin._save_checkpoint`) goes:
 
 1. every rank writes its part into `checkpoint-N` (transformers' save, its rotation held back);
 2. a barrier: every rank has finished writing;
-3. the writing process flushes every file of the folder to disk and writes the marker
-   `checkpoint_complete` (the files and their sizes) atomically: from then on the checkpoint
-   exists for resume, and not before;
+3. the writing process checks that every rank's own files are there (its `rng_state_R.pth`
+   and its DeepSpeed ZeRO shards: ranks on other machines write them through a shared file
+   system, whose view may lag by a few seconds), flushes every file of the folder to disk and
+   writes the marker `checkpoint_complete` (the files and their sizes) atomically: from then
+   on the checkpoint exists for resume, and not before;
 4. only then rotation: complete checkpoints beyond --save_total_limit, oldest first, are
    renamed out of view (`.deleting-checkpoint-N`, one atomic step) and removed. The newest
    complete checkpoint and the best one are never removed.
@@ -24,9 +26,11 @@ import logging
 import os
 import re
 import shutil
+import time
 from typing import Any
 
 from llava.files import UnreadableFileError, check_readable, read_json_object
+from llava.train.run_folder import OutputDirNotSharedError
 
 logger = logging.getLogger(__name__)
 
@@ -95,9 +99,60 @@ def sync_path(path: str) -> None:
         os.close(descriptor)
 
 
-def commit_checkpoint(folder: str) -> None:
-    """Step 3: flush the folder's files, then write the marker listing them, atomically."""
-    files = [name for name in relative_files(folder) if name != COMPLETE_MARKER]
+# How long the writing process waits for other ranks' files to show in a shared output folder.
+RANK_FILES_WAIT_SECONDS = 60.0
+RANK_ZERO_SHARD = re.compile(r"(^|_)zero_pp_rank_0_")
+
+
+def rank_files(folder: str, world_size: int) -> list[str]:
+    """The files each of `world_size` ranks writes into a checkpoint by itself: its random state
+    and, under DeepSpeed ZeRO, its shards (named as rank 0's, which the writing process wrote)."""
+    if world_size <= 1:
+        return []
+    files = [f"rng_state_{rank}.pth" for rank in range(world_size)]
+    tag_file = os.path.join(folder, DEEPSPEED_LATEST)
+    if os.path.isfile(tag_file):
+        with open(tag_file, encoding="utf-8") as f:
+            tag = f.read().strip()
+        tag_folder = os.path.join(folder, tag)
+        shards = os.listdir(tag_folder) if tag and os.path.isdir(tag_folder) else []
+        for name in sorted(n for n in shards if RANK_ZERO_SHARD.search(n)):
+            files.extend(
+                os.path.join(tag, RANK_ZERO_SHARD.sub(rf"\1zero_pp_rank_{rank}_", name))
+                for rank in range(world_size)
+            )
+    return files
+
+
+def wait_for_rank_files(folder: str, world_size: int, timeout: float | None = None) -> list[str]:
+    """Every rank's own files of the checkpoint (rank_files), once all are visible here; an
+    OutputDirNotSharedError naming the missing ones after `timeout` seconds. Each file is looked
+    up by name, which a network file system answers from the server, not from a stale listing."""
+    timeout = RANK_FILES_WAIT_SECONDS if timeout is None else timeout
+    expected = rank_files(folder, world_size)
+    deadline = time.monotonic() + timeout
+    while True:
+        missing = [name for name in expected if not os.path.exists(os.path.join(folder, name))]
+        if not missing or time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)
+    if missing:
+        raise OutputDirNotSharedError(
+            f"{folder} lacks files that other ranks wrote before the commit "
+            f"({', '.join(missing[:6])}{', ...' if len(missing) > 6 else ''}) after "
+            f"{timeout:.0f} s: the output folder is not one folder that every process sees (each "
+            "machine writes to its own disk?). Put --output_dir on a file system every machine "
+            "mounts (NFS, Lustre, GPFS, ...); see docs/reliability.md"
+        )
+    return expected
+
+
+def commit_checkpoint(folder: str, world_size: int = 1) -> None:
+    """Step 3: check that every one of `world_size` ranks' own files is there, flush the
+    folder's files, then write the marker listing them, atomically."""
+    expected = wait_for_rank_files(folder, world_size)
+    listed = set(relative_files(folder)) | set(expected)
+    files = sorted(name for name in listed if name != COMPLETE_MARKER)
     for name in files:
         sync_path(os.path.join(folder, name))
     sizes = {name: os.path.getsize(os.path.join(folder, name)) for name in files}

@@ -1,9 +1,12 @@
 """One run per output folder: its lock, the flags it was started with, and its finish record.
 
 - The lock is an advisory `flock` on `output_dir/run.lock`, taken by the process that writes
-  (rank 0, or each node's first process with --save_on_each_node) for the whole run. The
+  (global rank 0, or each node's first process with --save_on_each_node) for the whole run. The
   kernel releases it when the process ends, however it ends, so a kill -9 leaves nothing to
   clean up; the file itself stays and only names the last owner.
+- Ranks on several machines must see one output folder (a shared file system): at the start
+  every rank reads the owner line the writing process put in `run.lock`, and a rank that reads
+  another (its machine's own disk) stops the run on every rank (check_output_dir_shared).
 - `run_flags.json` (in every checkpoint) records the flags a run was started with, so a resume
   with flags that change the model or the data is refused with the differences listed.
 - `run_complete.json` (at the top of output_dir) is written last, after the final model files:
@@ -124,7 +127,45 @@ def lock_output_dir(output_dir: str) -> OutputDirLock:
     lock_file.truncate()
     lock_file.write(f"host {owner['host']}, pid {owner['pid']}, since {owner['started']}\n")
     lock_file.flush()
+    os.fsync(lock_file.fileno())  # other machines read the owner line (check_output_dir_shared)
     return OutputDirLock(path, lock_file)
+
+
+class OutputDirNotSharedError(RuntimeError):
+    """Processes of one run see different output folders (each machine its own disk)."""
+
+
+def check_output_dir_shared(output_dir: str) -> None:
+    """Every rank of a distributed run reads the owner line of `output_dir/run.lock` that global
+    rank 0 wrote; where a rank reads another line, or none, its machine has a folder of its own,
+    and every rank raises OutputDirNotSharedError naming the ranks and hosts. Called by every
+    rank after rank 0 took the lock (without --save_on_each_node)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    try:
+        with open(os.path.join(output_dir, LOCK_FILE), encoding="utf-8") as f:
+            seen = f.read().strip()
+    except OSError:
+        seen = ""
+    group = dist.new_group(backend="gloo")  # a CPU exchange of short strings
+    views: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(views, (socket.gethostname(), seen), group=group)
+    dist.destroy_process_group(group)
+    owner = views[0][1]
+    others = [
+        f"rank {rank} on {host} reads {line or 'no run.lock'!r}"
+        for rank, (host, line) in enumerate(views)
+        if line != owner
+    ]
+    if others:
+        raise OutputDirNotSharedError(
+            f"{output_dir} is not one folder for every process of the run: rank 0 on "
+            f"{views[0][0]} took its lock ({owner}), but {'; '.join(others)}. Put --output_dir "
+            "on a file system every machine mounts (NFS, Lustre, GPFS, ...), or pass "
+            "--save_on_each_node to keep a copy on each machine's disk; see docs/reliability.md"
+        )
 
 
 # -- flags ----------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from llava.train.resume import (
     prepare_output_dir,
     publish_checkpoint,
 )
-from llava.train.run_folder import lock_output_dir, run_flags
+from llava.train.run_folder import check_output_dir_shared, lock_output_dir, run_flags
 from llava.train.stages import StagePlan, apply_stage, plan_stage, trainable_table
 
 logger = logging.getLogger("llava.train")
@@ -241,6 +241,9 @@ class Preempted(RuntimeError):
 def start_run(args: TrainingArguments, flags: dict, plan: StagePlan) -> RunStart:
     """Decide how the run starts (every rank, from the same files) and let the writing process
     clear the folder's leftovers; the decision is logged."""
+    if not args.save_on_each_node:  # every rank must read the files rank 0 locked and writes
+        barrier()
+        check_output_dir_shared(args.output_dir)
     start = plan_start(args, flags, plan)
     if args.should_save:
         removed = prepare_output_dir(start, args.output_dir)

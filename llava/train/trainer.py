@@ -245,8 +245,9 @@ class LlavaTrainerMixin:
         if self.args.should_save:
             write_run_flags(folder, self.run_flags)
         self.accelerator.wait_for_everyone()  # every rank has written its part
+        # Every rank's own files must be in the folder (with --save_on_each_node: not checked).
         if self.args.should_save:
-            commit_checkpoint(folder)
+            commit_checkpoint(folder, 1 if self.args.save_on_each_node else self.args.world_size)
             rotate(run_dir, save_total_limit, keep=self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()
 
