@@ -206,3 +206,25 @@ def test_export_writes_a_llava_next_folder_with_the_same_logits(
         their_logits = theirs(**inputs).logits
     anyres_model.train()
     assert torch.allclose(our_logits, their_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_the_training_entry_trains_anyres_in_process(training_assets, tmp_path):
+    """The flags reach the model and the data: a short stage 2 in one process, the loss finite,
+    the saved config holding the pinpoints and merge; static shapes are refused by name."""
+    from llava.train.arguments import parse_arguments
+    from llava.train.train import train
+    from tests.fixtures.training import training_flags
+
+    flags = training_flags(
+        training_assets, tmp_path / "out",
+        "--version", "v1", "--data_path", training_assets["finetune"],
+        "--image_aspect_ratio", "anyres", "--image_grid_pinpoints", PINPOINTS,
+        "--mm_patch_merge_type", "spatial_unpad",
+    )  # fmt: skip
+    trainer = train(*parse_arguments(flags))
+    assert trainer.model.anyres is not None
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert len(losses) == 3 and all(loss == loss for loss in losses)
+    with pytest.raises(ValueError, match="static shapes are not implemented with"):
+        flags[flags.index("--output_dir") + 1] = str(tmp_path / "buckets")
+        train(*parse_arguments([*flags, "--num_length_buckets", "4"]))

@@ -127,7 +127,7 @@ def build_llava_model(
     attn_implementation: str | None = "sdpa",
     language_model_kwargs: dict[str, Any] | None = None,
     image_aspect_ratio: str = "pad",
-    image_grid_pinpoints: str | None = None,
+    image_grid_pinpoints: str | list[list[int]] | None = None,
     mm_patch_merge_type: str = "flat",
 ) -> LlavaForCausalLM:
     """Join a pretrained causal LM and a pretrained vision tower with a fresh projector.
@@ -167,7 +167,9 @@ def build_llava_model(
             raise ValueError(
                 f"anyres takes a tower of square tiles, not {tile_height}x{tile_width}"
             )
-        pinpoints = [list(p) for p in parse_pinpoints(image_grid_pinpoints, tile_height)]
+        if isinstance(image_grid_pinpoints, str):  # a flag's text; else a saved config's pairs
+            image_grid_pinpoints = parse_pinpoints(image_grid_pinpoints, tile_height)
+        pinpoints = [list(pinpoint) for pinpoint in image_grid_pinpoints]
     config = LlavaConfig(
         text_config=language_model.config,
         vision_tower_config=tower.config_dict(),
@@ -325,6 +327,9 @@ def base_with_saved_config(
         mm_vision_select_feature=config.mm_vision_select_feature,
         torch_dtype=torch_dtype,
         language_model_kwargs=language_model_kwargs,
+        image_aspect_ratio=config.image_aspect_ratio,
+        image_grid_pinpoints=getattr(config, "image_grid_pinpoints", None),
+        mm_patch_merge_type=getattr(config, "mm_patch_merge_type", "flat"),
     )
 
 

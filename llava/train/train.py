@@ -13,6 +13,7 @@ import torch
 import transformers
 
 from llava.constants import IMAGE_END_TOKEN, IMAGE_START_TOKEN
+from llava.data.media import is_anyres
 from llava.model.builder import build_llava_model, load_tokenizer, open_complete_model
 from llava.model.kinds import kind_of
 from llava.model.llava import PACKED_SDPA, LlavaForCausalLM, register_packed_attention
@@ -48,11 +49,12 @@ def compute_dtype(args: TrainingArguments) -> torch.dtype:
 
 
 def build_model(
-    model_args: ModelArguments, args: TrainingArguments
+    model_args: ModelArguments, args: TrainingArguments, data_args: DataArguments | None = None
 ) -> tuple[torch.nn.Module, Any | None]:
     """(model, its processor or None): compose the LLM and --vision_tower, or open the complete
     VLM --model_name_or_path names. A processor comes with transformers' image-text-to-text
-    models, whose data goes through it; composed models read images with their tower's."""
+    models, whose data goes through it; composed models read images with their tower's
+    (tiled by AnyRes where `data_args` asks for --image_aspect_ratio anyres)."""
     dtype = compute_dtype(args)
     quantization = quantization_config(args.bits, args.double_quant, args.quant_type, dtype)
     language_model_kwargs = {"cache_dir": args.cache_dir}
@@ -86,8 +88,21 @@ def build_model(
         torch_dtype=dtype,
         attn_implementation=args.attn_implementation,
         language_model_kwargs=language_model_kwargs,
+        **anyres_settings(model_args, data_args),
     )
     return finish_model(model, args, quantization), None
+
+
+def anyres_settings(model_args: ModelArguments, data_args: DataArguments | None) -> dict:
+    """build_llava_model's AnyRes arguments when --image_aspect_ratio asks for anyres."""
+    aspect = getattr(data_args, "image_aspect_ratio", None)
+    if not is_anyres(aspect):
+        return {}
+    return {
+        "image_aspect_ratio": aspect,
+        "image_grid_pinpoints": model_args.image_grid_pinpoints,
+        "mm_patch_merge_type": model_args.mm_patch_merge_type,
+    }
 
 
 def finish_model(model: torch.nn.Module, args: TrainingArguments, quantization) -> torch.nn.Module:
@@ -179,6 +194,7 @@ def build_data(model, tokenizer, model_args, data_args, args, processor=None):
         image_inputs = {
             "image_processor": model.vision_tower.image_processor,
             "num_image_tokens": model.num_image_tokens,
+            "anyres": model.anyres,
         }
     dataset, collator = build_supervised_data(
         tokenizer=tokenizer,
@@ -213,6 +229,12 @@ def static_shapes(dataset, model: LlavaForCausalLM, args: TrainingArguments):
         lengths = bucket_lengths(args.model_max_length, args.num_length_buckets)
     else:
         return None
+    if model.anyres is not None:
+        raise ValueError(
+            "--pad_max / --num_length_buckets: static shapes are not implemented with "
+            "--image_aspect_ratio anyres (a batch's tiles vary with its images' sizes); "
+            "pass --num_length_buckets 0"
+        )
     batch_size = max(args.per_device_train_batch_size, args.per_device_eval_batch_size)
     height, width = model.vision_tower.image_size
     return StaticShapes(
@@ -289,7 +311,7 @@ def train_in_locked_folder(model_args, data_args, args):
     transformers.set_seed(args.seed)  # every rank builds the same fresh projector
     if args.gradient_checkpointing and args.gradient_checkpointing_kwargs is None:
         args.gradient_checkpointing_kwargs = {"use_reentrant": False}
-    model, processor = build_model(model_args, args)
+    model, processor = build_model(model_args, args, data_args)
     if processor is None:
         tokenizer = load_tokenizer(model_args.model_name_or_path, args.model_max_length)
         if model_args.mm_use_im_start_end:
