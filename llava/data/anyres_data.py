@@ -18,7 +18,7 @@ from PIL import Image
 
 from llava.data.dataset import SupervisedDataset
 from llava.data.formats import BadRecordError, Record
-from llava.data.images import load_image, read_size
+from llava.data.images import load_image
 from llava.data.media import AnyRes
 from llava.data.tokenize import ConversationTokenizer, fit
 
@@ -101,15 +101,6 @@ class AnyResDataset(SupervisedDataset):
             conversation_tokenizer=conversation,
             **kwargs,
         )
-
-    def sizes(self, record: Record, decoded: Sequence[Image.Image] = ()) -> list[Size]:
-        """Each image's (width, height): the decoded ones', then the others' from their headers."""
-        sources = record.images[len(decoded) :]
-        try:
-            headers = [read_size(source, self.max_image_pixels) for source in sources]
-        except ValueError as error:
-            raise BadRecordError(record.source, record.index, str(error), record.id) from None
-        return [image.size for image in decoded] + headers
 
     def add_block(self, records: list[Record]) -> None:
         """Read image sizes, tokenize (one batched call) and keep what has something to learn."""

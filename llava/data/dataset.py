@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from llava.conversation import ChatTemplate, get_template
@@ -32,6 +33,7 @@ from llava.data.images import (
     check_aspect_ratio,
     load_image,
     process_images,
+    read_size,
 )
 from llava.data.media import is_anyres
 from llava.data.skipped import DECODE, LOAD, SkipLog
@@ -182,6 +184,17 @@ class SupervisedDataset(Dataset):
     @property
     def max_images_per_sample(self) -> int:
         return max((num_images for _, num_images in self.samples), default=0)
+
+    def sizes(self, record: Record, decoded: Sequence[Image.Image] = ()) -> list[tuple[int, int]]:
+        """Each image's (width, height): the decoded ones', then the others' from their headers
+        (no decoding), where an image's tokens depend on its size; an unreadable one makes the
+        record bad."""
+        sources = record.images[len(decoded) :]
+        try:
+            headers = [read_size(source, self.max_image_pixels) for source in sources]
+        except ValueError as error:
+            raise BadRecordError(record.source, record.index, str(error), record.id) from None
+        return [image.size for image in decoded] + headers
 
     def pixel_values(self, record: Record, num_images: int) -> torch.Tensor | None:
         """(num_images, 3, H, W) for the images the sample keeps, None when it keeps none."""

@@ -49,7 +49,7 @@ from llava.conversation import (
 from llava.data.collator import pad_token_id_of
 from llava.data.dataset import DataSummary, SupervisedDataset
 from llava.data.formats import BadRecordError, Record, load_records
-from llava.data.images import DEFAULT_MAX_IMAGE_PIXELS, load_image, read_size
+from llava.data.images import DEFAULT_MAX_IMAGE_PIXELS, load_image
 from llava.data.processor_collator import (
     OWN_KEYS,
     PROBE_SIZE,
@@ -415,15 +415,6 @@ class ProcessorDataset(SupervisedDataset):
             max_image_pixels=max_image_pixels,
             conversation_tokenizer=conversation_tokenizer,
         )
-
-    def sizes(self, record: Record, decoded: Sequence[Image.Image] = ()) -> list[Size]:
-        """Each image's (width, height): the decoded ones', then the others' from their headers."""
-        sources = record.images[len(decoded) :]
-        try:
-            headers = [read_size(source, self.max_image_pixels) for source in sources]
-        except ValueError as error:
-            raise BadRecordError(record.source, record.index, str(error), record.id) from None
-        return [image.size for image in decoded] + headers
 
     def add_block(self, records: list[Record]) -> None:
         """Read image sizes, tokenize (one batched call) and keep what has something to learn."""
