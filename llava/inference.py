@@ -199,11 +199,17 @@ class ProcessorAnswerer(Answerer):
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
-        self.media = ProcessorMedia(loaded.processor)
-        self.conversation = ProcessorConversationTokenizer(loaded.processor, conv_mode, self.media)
+        self.media = self.media_of(loaded.processor)
+        self.conversation = self.conversation_of(loaded.processor, conv_mode)
         self.collator = ProcessorCollator(
             pad_token_id_of(self.tokenizer), batching_rules(self.media), padding_side="left"
         )
+
+    def media_of(self, processor: Any) -> Any:
+        return ProcessorMedia(processor)
+
+    def conversation_of(self, processor: Any, conv_mode: str) -> Any:
+        return ProcessorConversationTokenizer(processor, conv_mode, self.media)
 
     def prompt(self, turns: list[Turn], image_sources: Sequence[Any] = ()) -> ProcessorPrompt:
         images = [load_image(source) for source in image_sources]
@@ -248,7 +254,7 @@ class ProcessorAnswerer(Answerer):
 
 class PromptSuffixAnswerer(ProcessorAnswerer):
     """Answers from a model whose processor takes a bare prompt and no chat template
-    (`is_prompt_suffix`: PaliGemma's).
+    (`is_prompt_suffix`: PaliGemma's, Fuyu's).
 
     A prompt is one question about its images, made by one processor call as training makes
     the prefix (PromptSuffixMedia without a suffix): the images' tokens, BOS, the question
@@ -260,14 +266,12 @@ class PromptSuffixAnswerer(ProcessorAnswerer):
 
     one_question_per_prompt = True
 
-    def __init__(self, loaded: LoadedModel, conv_mode: str = OWN_TEMPLATE):
-        self.loaded = loaded
-        self.model = loaded.model
-        self.tokenizer = loaded.tokenizer
-        self.media = PromptSuffixMedia(loaded.processor)
-        self.collator = ProcessorCollator(
-            pad_token_id_of(self.tokenizer), batching_rules(self.media), padding_side="left"
-        )
+    def media_of(self, processor: Any) -> Any:
+        return PromptSuffixMedia(processor)
+
+    def conversation_of(self, processor: Any, conv_mode: str) -> None:
+        """None: the processor writes the whole prompt, no conversation is rendered."""
+        return None
 
     def prompt(self, turns: list[Turn], image_sources: Sequence[Any] = ()) -> ProcessorPrompt:
         """One user turn and its images as the processor's prompt (ids and model inputs)."""

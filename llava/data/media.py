@@ -255,17 +255,24 @@ def is_anyres(image_aspect_ratio: str) -> bool:
 
 def anyres_of(
     image_aspect_ratio: str,
-    pinpoints: Sequence[Sequence[int]] | None,
+    pinpoints: str | Sequence[Sequence[int]] | None,
     merge: str,
     tile: ImageGeometry,
 ) -> AnyRes | None:
-    """The AnyRes of a model's settings (None unless its aspect ratio is anyres): pinpoints as
-    (height, width) pairs, `merge` its mm_patch_merge_type, `tile` its tower's geometry."""
+    """The AnyRes of a model's settings (None unless its aspect ratio is anyres): `pinpoints`
+    as --image_grid_pinpoints writes them (`parse_pinpoints`, in the tower's tiles) or as a
+    saved config's (height, width) pairs, `merge` its mm_patch_merge_type, `tile` its tower's
+    geometry (square tiles)."""
     match = ANYRES_ASPECT.match(image_aspect_ratio or "")
     if match is None:
         return None
     if not pinpoints:
         raise ValueError(f"--image_aspect_ratio {image_aspect_ratio} needs --image_grid_pinpoints")
+    tile_height, tile_width = tile.image_size
+    if tile_height != tile_width:
+        raise ValueError(f"anyres takes a tower of square tiles, not {tile_height}x{tile_width}")
+    if isinstance(pinpoints, str):
+        pinpoints = parse_pinpoints(pinpoints, tile_height)
     max_tiles = int(match.group(1)) if match.group(1) else None
     resolutions = tuple((int(height), int(width)) for height, width in pinpoints)
     return AnyRes(resolutions, tile, merge, max_tiles)

@@ -259,7 +259,7 @@ def composed_dataset(args: argparse.Namespace) -> tuple[SupervisedDataset, Any]:
 
 def anyres_of_flags(args: argparse.Namespace) -> Any:
     """The AnyRes of --image_aspect_ratio anyres with --vision_tower's tiles, else None."""
-    from llava.data.media import anyres_of, is_anyres, parse_pinpoints
+    from llava.data.media import anyres_of, is_anyres
 
     if not is_anyres(args.image_aspect_ratio):
         return None
@@ -271,8 +271,9 @@ def anyres_of_flags(args: argparse.Namespace) -> Any:
     from llava.model.vision_tower import describe_tower
 
     _, geometry = describe_tower(args.vision_tower, args.mm_vision_select_feature)
-    pinpoints = parse_pinpoints(args.image_grid_pinpoints, geometry.image_size[0])
-    return anyres_of(args.image_aspect_ratio, pinpoints, args.mm_patch_merge_type, geometry)
+    return anyres_of(
+        args.image_aspect_ratio, args.image_grid_pinpoints, args.mm_patch_merge_type, geometry
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -612,12 +612,9 @@ class PromptSuffixDataset(ProcessorDataset):
         processor: Any,
         template: ChatTemplate | str,
         model_max_length: int,
-        skip_bad_records: bool = False,
-        summary: DataSummary | None = None,
-        skipped: Sequence[BadRecordError] = (),
-        skip_log_dir: str | None = None,
-        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        **dataset_options: Any,
     ):
+        """`dataset_options`: SupervisedDataset's (skip_bad_records, summary, skipped, ...)."""
         if not TRANSFORMERS_5:
             raise ValueError(
                 "a prompt+suffix processor trains on transformers 5.x only: on 4.x PaliGemma's "
@@ -634,16 +631,7 @@ class PromptSuffixDataset(ProcessorDataset):
         self.processor = processor
         self.media = PromptSuffixMedia(processor)
         SupervisedDataset.__init__(
-            self,
-            records,
-            processor.tokenizer,
-            template,
-            model_max_length,
-            skip_bad_records=skip_bad_records,
-            summary=summary,
-            skipped=skipped,
-            skip_log_dir=skip_log_dir,
-            max_image_pixels=max_image_pixels,
+            self, records, processor.tokenizer, template, model_max_length, **dataset_options
         )
 
     def add_block(self, records: list[Record]) -> None:

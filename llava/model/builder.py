@@ -23,7 +23,7 @@ from transformers import (
 from transformers import LlavaConfig as HFLlavaConfig
 
 from llava.compat import native_state_dict
-from llava.data.media import is_anyres, parse_pinpoints
+from llava.data.media import anyres_of
 from llava.device import resolve_device
 from llava.files import (
     CONFIG_FILE,
@@ -156,20 +156,10 @@ def build_llava_model(
         torch_dtype=torch_dtype,
     )
     tower.requires_grad_(False)
-    pinpoints = None
-    if is_anyres(image_aspect_ratio):
-        if not image_grid_pinpoints:
-            raise ValueError(
-                f"--image_aspect_ratio {image_aspect_ratio} needs --image_grid_pinpoints"
-            )
-        tile_height, tile_width = tower.geometry.image_size
-        if tile_height != tile_width:
-            raise ValueError(
-                f"anyres takes a tower of square tiles, not {tile_height}x{tile_width}"
-            )
-        if isinstance(image_grid_pinpoints, str):  # a flag's text; else a saved config's pairs
-            image_grid_pinpoints = parse_pinpoints(image_grid_pinpoints, tile_height)
-        pinpoints = [list(pinpoint) for pinpoint in image_grid_pinpoints]
+    anyres = anyres_of(
+        image_aspect_ratio, image_grid_pinpoints, mm_patch_merge_type, tower.geometry
+    )
+    pinpoints = None if anyres is None else [list(pinpoint) for pinpoint in anyres.pinpoints]
     config = LlavaConfig(
         text_config=language_model.config,
         vision_tower_config=tower.config_dict(),

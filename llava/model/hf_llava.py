@@ -12,6 +12,7 @@ from transformers import LlavaConfig as HFLlavaConfig
 
 from llava.constants import IMAGE_TOKEN
 from llava.conversation import ChatTemplate, fill
+from llava.data.media import is_anyres
 from llava.model.config import LlavaConfig
 from llava.model.vision_tower import HF_MODEL_TYPES, HF_TOWERS, hf_geometry
 
@@ -42,8 +43,8 @@ def check_exportable(config: LlavaConfig) -> None:
     """transformers' Llava has an HF CLIP/SigLIP tower and a two-layer GELU MLP projector;
     its LlavaNext takes AnyRes with spatial_unpad and no anyres_max_N cap."""
     tower_type = config.vision_tower_config["tower_type"]
-    aspect = config.image_aspect_ratio or ""
-    if aspect.startswith("anyres"):
+    aspect = config.image_aspect_ratio
+    if is_anyres(aspect):
         if aspect != "anyres":
             raise ValueError(
                 f"image_aspect_ratio {aspect} (OneVision's cap) does not map onto "
@@ -65,10 +66,6 @@ def check_exportable(config: LlavaConfig) -> None:
         )
 
 
-def is_anyres_config(config: LlavaConfig) -> bool:
-    return (config.image_aspect_ratio or "").startswith("anyres")
-
-
 def hf_llava_config(config: LlavaConfig, image_token_id: int) -> HFLlavaConfig:
     """transformers' Llava config of our config (LlavaNext's for an anyres model)."""
     check_exportable(config)
@@ -88,7 +85,7 @@ def hf_llava_config(config: LlavaConfig, image_token_id: int) -> HFLlavaConfig:
         image_seq_length=config.num_image_tokens,
         tie_word_embeddings=config.text_config.tie_word_embeddings,
     )
-    if is_anyres_config(config):
+    if is_anyres(config.image_aspect_ratio):
         from transformers import LlavaNextConfig
 
         return LlavaNextConfig(image_grid_pinpoints=config.image_grid_pinpoints, **settings)

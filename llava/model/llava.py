@@ -18,7 +18,7 @@ from transformers.modeling_utils import AttentionInterface
 
 from llava.compat import portable_state_dict
 from llava.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
-from llava.data.media import AnyRes, ImageGeometry, anyres_of
+from llava.data.media import ImageGeometry, anyres_of
 from llava.model.anyres import pack_image_features
 from llava.model.config import LlavaConfig
 from llava.model.projector import build_projector, projector_reduction
@@ -223,6 +223,9 @@ class LlavaForCausalLM(PreTrainedModel):
         if language_model is None:
             language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.vision_tower = vision_tower
+        # the tower's view of an image with the projector's token reduction (if its type has one)
+        reduction = projector_reduction(config.mm_projector_type)
+        self.geometry: ImageGeometry = replace(vision_tower.geometry, reduction=reduction)
         self.projector = build_projector(
             config.mm_projector_type,
             vision_tower.hidden_size,
@@ -230,7 +233,17 @@ class LlavaForCausalLM(PreTrainedModel):
             grid=self.geometry.grid,
         )
         self.language_model = language_model
-        self.anyres = self.anyres_of_config()
+        self.anyres = anyres_of(
+            config.image_aspect_ratio,
+            config.image_grid_pinpoints,
+            config.mm_patch_merge_type,
+            vision_tower.geometry,
+        )
+        if self.anyres is not None and reduction is not None:
+            raise ValueError(
+                f"--image_aspect_ratio {config.image_aspect_ratio} takes a projector without a "
+                f"token reduction, not {config.mm_projector_type}"
+            )
         if self.anyres is not None and self.anyres.merge == "spatial_unpad":
             width = config.text_config.hidden_size  # LLaVA-NeXT's init: N(0, 1 / width)
             newline = nn.Parameter(torch.randn(width) / math.sqrt(width))
@@ -262,28 +275,6 @@ class LlavaForCausalLM(PreTrainedModel):
 
     def set_output_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_output_embeddings(value)
-
-    def anyres_of_config(self) -> AnyRes | None:
-        """The config's AnyRes (image_aspect_ratio anyres / anyres_max_N), None otherwise."""
-        config = self.config
-        if config.image_aspect_ratio and projector_reduction(config.mm_projector_type):
-            if config.image_aspect_ratio.startswith("anyres"):
-                raise ValueError(
-                    f"--image_aspect_ratio {config.image_aspect_ratio} takes a projector without "
-                    f"a token reduction, not {config.mm_projector_type}"
-                )
-        return anyres_of(
-            config.image_aspect_ratio,
-            config.image_grid_pinpoints,
-            config.mm_patch_merge_type,
-            self.vision_tower.geometry,
-        )
-
-    @property
-    def geometry(self) -> ImageGeometry:
-        """The tower's geometry with the projector's token reduction (if its type has one)."""
-        reduction = projector_reduction(self.config.mm_projector_type)
-        return replace(self.vision_tower.geometry, reduction=reduction)
 
     @property
     def num_image_tokens(self) -> int:
