@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 
 import pytest
@@ -18,8 +17,6 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from llava.conversation import ASSISTANT, USER, Turn
 from llava.data.images import load_image
-from llava.data.processor_collator import ProcessorCollator, batching_rules
-from llava.data.processor_media import load_processor_dataset
 from llava.eval import model_vqa, perplexity
 from llava.inference import PromptSuffixAnswerer, answerer_for
 from llava.model.builder import load_pretrained_model
@@ -28,6 +25,7 @@ from llava.train.arguments import parse_arguments
 from llava.train.train import train
 from tests.fixtures.datasets import write_shapes_dataset
 from tests.fixtures.tiny_vlms import PROMPT_FAMILIES
+from tests.test_vlm_inference import models_own_perplexity
 from tests.test_vlm_training import vlm_flags
 
 pytestmark = pytest.mark.skipif(
@@ -228,22 +226,9 @@ def test_a_history_a_text_only_question_or_a_template_is_refused_by_name(
 
 
 def own_loss_perplexity(folders: dict[str, str], name: str, shapes) -> tuple[float, int]:
-    """exp of the mean of the model's own loss (labels given to its forward), weighted by each
-    sample's supervised tokens, one sample at a time."""
-    model = plain_model(folders, name)
     processor = AutoProcessor.from_pretrained(folders["base"])
-    dataset = load_processor_dataset(
-        shapes["pretrain"], processor, "auto", 2048, image_folder=shapes["image_folder"]
-    )
-    collate = ProcessorCollator(processor.tokenizer.pad_token_id, batching_rules(dataset.media))
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for index in range(len(dataset)):
-            batch = collate([dataset[index]])
-            tokens = int((batch["labels"][:, 1:] != -100).sum())
-            total += float(model(**batch).loss) * tokens
-            count += tokens
-    return math.exp(total / count), count
+    model = plain_model(folders, name)
+    return models_own_perplexity(model, processor, shapes["pretrain"], shapes["image_folder"])
 
 
 @pytest.mark.parametrize("name", FOLDERS)

@@ -209,14 +209,10 @@ def test_merged_lora_output_loads_in_plain_transformers_with_the_same_logits(
     assert load_pretrained_model(merged).processor.chat_template == processor.chat_template
 
 
-def own_loss_perplexity(folders: dict[str, str], name: str, shapes) -> tuple[float, int]:
+def models_own_perplexity(model, processor, data_path: str, image_folder: str) -> tuple[float, int]:
     """exp of the mean of the model's own loss (labels given to its forward), weighted by each
-    sample's supervised tokens, one sample at a time."""
-    model = plain_model(folders, name)
-    processor = AutoProcessor.from_pretrained(folders[name])
-    dataset = load_processor_dataset(
-        shapes["finetune"], processor, "auto", 2048, image_folder=shapes["image_folder"]
-    )
+    sample's supervised tokens, one sample at a time; and the supervised-token count."""
+    dataset = load_processor_dataset(data_path, processor, "auto", 2048, image_folder=image_folder)
     collate = ProcessorCollator(processor.tokenizer.pad_token_id, batching_rules(dataset.media))
     total, count = 0.0, 0
     with torch.no_grad():
@@ -226,6 +222,12 @@ def own_loss_perplexity(folders: dict[str, str], name: str, shapes) -> tuple[flo
             total += float(model(**batch).loss) * tokens
             count += tokens
     return math.exp(total / count), count
+
+
+def own_loss_perplexity(folders: dict[str, str], name: str, shapes) -> tuple[float, int]:
+    processor = AutoProcessor.from_pretrained(folders[name])
+    model = plain_model(folders, name)
+    return models_own_perplexity(model, processor, shapes["finetune"], shapes["image_folder"])
 
 
 @pytest.mark.parametrize("name", ["full", "lora"])
