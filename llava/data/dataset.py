@@ -2,8 +2,10 @@
 
 At construction every record is rendered and tokenized once (text only, fast) to learn its
 true length with image placeholders, whether truncation shortens or drops it, and whether any
-supervised token is left; nothing is kept but the record and its length. Images are decoded
-only in `__getitem__`. Bad records raise `BadRecordError` naming file, index and id. With
+supervised token is left; nothing is kept but the record and its length (of a LLaVA .json
+file, only the row's number: the row is parsed again when loaded), and what was found is cached
+next to the data so that a second start, on any rank, tokenizes nothing (llava.data.length_cache).
+Images are decoded only in `__getitem__`. Bad records raise `BadRecordError` naming file, index and id. With
 `skip_bad_records`, those a cheap check finds (format, roles, tags against images, missing image
 files, text the template rejects) are dropped here and counted in the summary line; those found
 only when an image is decoded (unreadable, over --max_image_pixels) are replaced by the next
@@ -16,11 +18,14 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import random
-from collections.abc import Iterator, Sequence
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
@@ -34,6 +39,15 @@ from llava.data.images import (
     load_image,
     process_images,
     read_size,
+)
+from llava.data.length_cache import (
+    CACHE_VERSION,
+    CachedBuild,
+    JsonRecords,
+    LengthCache,
+    built_once,
+    data_file_identity,
+    tokenizer_fingerprint,
 )
 from llava.data.media import is_anyres
 from llava.data.skipped import DECODE, LOAD, SkipLog
@@ -87,16 +101,45 @@ class DataSummary:
         )
 
 
+class Samples(Sequence):
+    """(record, number of its images kept) per sample, held compactly: the records stay in
+    their source (a list, or a JsonRecords file read row by row when a sample is loaded)."""
+
+    def __init__(self, source: Sequence[Record] | JsonRecords):
+        self.store = source if isinstance(source, JsonRecords) else None
+        self.keys: Any = array("q") if self.store is not None else []  # rows, or the records
+        self.num_images = array("h")
+
+    def append(self, record: Record, num_images: int) -> None:
+        self.keys.append(record.index if self.store is not None else record)
+        self.num_images.append(num_images)
+
+    def __len__(self) -> int:
+        return len(self.num_images)
+
+    def __getitem__(self, i: int) -> tuple[Record, int]:
+        key = self.keys[i]
+        return (key if self.store is None else self.store.record(key)), self.num_images[i]
+
+    def select(self, indices: Sequence[int]) -> Samples:
+        subset = copy.copy(self)
+        picked = [self.keys[i] for i in indices]
+        subset.keys = array("q", picked) if self.store is not None else picked
+        subset.num_images = array("h", [self.num_images[i] for i in indices])
+        return subset
+
+
 class SupervisedDataset(Dataset):
     """Records -> {"input_ids" (T,), "labels" (T,), "pixel_values" (N, 3, H, W) or None}.
 
     `lengths` (tokens, image placeholders included) and `modalities` ("image" / "text") are
-    known without decoding any image; the grouped samplers read them.
+    known without decoding any image; the grouped samplers read them. `records` is a list, or
+    a JsonRecords file whose rows are parsed as they are needed (then samples keep only rows).
     """
 
     def __init__(
         self,
-        records: list[Record],
+        records: Sequence[Record] | JsonRecords,
         tokenizer: Any,
         template: ChatTemplate | str,
         model_max_length: int,
@@ -110,10 +153,13 @@ class SupervisedDataset(Dataset):
         skip_log_dir: str | None = None,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         conversation_tokenizer: ConversationTokenizer | None = None,
+        cached: CachedBuild | None = None,
     ):
         """`skipped`: bad records the reader already skipped (counted and listed here);
         `skip_log_dir`: where skipped records are listed (the run's output_dir);
-        `conversation_tokenizer`: one built elsewhere (a processor's, see processor_media)."""
+        `conversation_tokenizer`: one built elsewhere (a processor's, see processor_media);
+        `cached`: what an earlier build of the same records found (llava.data.length_cache):
+        nothing is tokenized, the same samples, summary and bad records come back."""
         check_aspect_ratio(image_aspect_ratio)
         self.conversation_tokenizer = conversation_tokenizer or ConversationTokenizer(
             tokenizer, template, num_image_tokens, mm_use_im_start_end
@@ -126,14 +172,79 @@ class SupervisedDataset(Dataset):
         self.skip_log = SkipLog(skip_log_dir)
         self.summary = summary or DataSummary(source="records")
         self.summary.records = self.summary.records or len(records) + len(skipped)
-        self.samples: list[tuple[Record, int]] = []  # (record, number of its images kept)
+        self.samples = Samples(records)  # (record, number of its images kept)
         self.lengths: list[int] = []
         self.modalities: list[str] = []
-        for error in skipped:
-            self.bad(error)
-        for start in range(0, len(records), ENCODE_BLOCK):
-            self.add_block(records[start : start + ENCODE_BLOCK])
+        self.bad_records: list[tuple[int, str, Any]] = []  # (index, reason, id), as reported
+        self.deferred: list[BadRecordError] | None = None
+        if cached is None:
+            self.build(records, skipped)
+        else:
+            self.replay(cached)
         logger.warning(self.summary.line())
+
+    def build(self, records: Iterable[Record | BadRecordError], skipped: Sequence) -> None:
+        """Tokenize every record, a block at a time.
+
+        Bad records are reported as the reader reports them: those the reader finds (`skipped`,
+        or in a JsonRecords file while it is read) first, then the others; without
+        skip_bad_records, the first of them is raised (the rest of the file is then only read)."""
+        reader_bad: list[BadRecordError] = []
+        self.deferred = []
+        try:
+            for block in self.blocks(records, reader_bad):
+                if not (self.deferred and not self.skip_bad_records):
+                    self.add_block(block)
+        finally:
+            deferred, self.deferred = self.deferred, None
+        for error in [*skipped, *reader_bad, *deferred]:
+            self.bad(error)
+
+    def blocks(
+        self, records: Iterable[Record | BadRecordError], reader_bad: list[BadRecordError]
+    ) -> Iterator[list[Record]]:
+        """Records in blocks of ENCODE_BLOCK; a bad one is raised, or kept in `reader_bad`."""
+        block = []
+        for item in records:
+            if isinstance(item, BadRecordError):
+                if not self.skip_bad_records:
+                    raise item
+                reader_bad.append(item)
+                continue
+            block.append(item)
+            if len(block) == ENCODE_BLOCK:
+                yield block
+                block = []
+        if block:
+            yield block
+
+    def replay(self, cached: CachedBuild) -> None:
+        """Samples, lengths, summary and bad records as the build that made `cached` found them."""
+        self.samples.keys = array("q", cached.rows.astype(np.int64).tobytes())
+        self.samples.num_images = array("h", cached.num_images.astype(np.int16).tobytes())
+        self.lengths = cached.lengths.tolist()
+        self.modalities = [IMAGE if n else TEXT for n in cached.num_images.tolist()]
+        for name, count in cached.counts.items():
+            setattr(self.summary, name, count)
+        for index, reason, record_id in cached.bad:
+            self.bad(BadRecordError(self.summary.source, index, reason, record_id))
+
+    def cached_build(self) -> CachedBuild:
+        """What this build found, for llava.data.length_cache (a JsonRecords source's only)."""
+        store = self.samples.store
+        names = ("shortened", "dropped_too_long", "dropped_no_supervision")
+        names += ("image_samples", "text_samples")
+        return CachedBuild(
+            rows=np.asarray(self.samples.keys, dtype=np.int64),
+            lengths=np.asarray(self.lengths, dtype=np.int32),
+            num_images=np.asarray(self.samples.num_images, dtype=np.int16),
+            starts=store.starts,
+            ends=store.ends,
+            columns=store.columns,
+            base_folder=store.base_folder,
+            counts={name: getattr(self.summary, name) for name in names},
+            bad=list(self.bad_records),
+        )
 
     def add_block(self, records: list[Record]) -> None:
         """Tokenize records (text only, one batched call) and keep those with something to learn."""
@@ -160,14 +271,19 @@ class SupervisedDataset(Dataset):
         modality = IMAGE if sample.num_images else TEXT
         self.summary.image_samples += int(modality == IMAGE)
         self.summary.text_samples += int(modality == TEXT)
-        self.samples.append((record, sample.num_images))
+        self.samples.append(record, sample.num_images)
         self.lengths.append(len(sample.input_ids))
         self.modalities.append(modality)
 
     def bad(self, error: BadRecordError) -> None:
-        """A bad record found while building: raised, or (skip_bad_records) counted and listed."""
+        """A bad record found while building: raised, or (skip_bad_records) counted and listed
+        (while building, once the reader's own have been)."""
+        if self.deferred is not None:
+            self.deferred.append(error)
+            return
         if not self.skip_bad_records:
             raise error
+        self.bad_records.append((error.index, error.reason, error.record_id))
         self.summary.skipped_bad += 1
         self.skip_log.add(error, LOAD)
         if len(self.summary.reasons) < 10:
@@ -183,7 +299,7 @@ class SupervisedDataset(Dataset):
 
     @property
     def max_images_per_sample(self) -> int:
-        return max((num_images for _, num_images in self.samples), default=0)
+        return max(self.samples.num_images, default=0)
 
     def sizes(self, record: Record, decoded: Sequence[Image.Image] = ()) -> list[tuple[int, int]]:
         """Each image's (width, height): the decoded ones', then the others' from their headers
@@ -236,7 +352,7 @@ class SupervisedDataset(Dataset):
     def select(self, indices: list[int]) -> SupervisedDataset:
         """A dataset of the given samples (same tokenizer, images and policy), in that order."""
         subset = copy.copy(self)
-        subset.samples = [self.samples[i] for i in indices]
+        subset.samples = self.samples.select(indices)
         subset.lengths = [self.lengths[i] for i in indices]
         subset.modalities = [self.modalities[i] for i in indices]
         return subset
@@ -272,6 +388,10 @@ def load_supervised_dataset(
     listed there (see llava.data.skipped). `max_image_pixels`: larger images are bad records.
     `anyres` (llava.data.media.AnyRes, the model's, with --image_aspect_ratio anyres): each
     image's tokens and tiles by its size (llava.data.anyres_data.AnyResDataset).
+
+    A LLaVA .json list (without anyres) is read row by row and never held as records, and what
+    building found is cached next to it (llava.data.length_cache): a second start, on any rank,
+    tokenizes nothing.
     """
     template = get_template(version)
     check_aspect_ratio(image_aspect_ratio)  # before any file is read
@@ -280,6 +400,62 @@ def load_supervised_dataset(
             f"--image_aspect_ratio {image_aspect_ratio} and the model's "
             f"{'anyres' if anyres is not None else 'fixed-size'} images disagree"
         )
+    options = dict(
+        image_processor=image_processor,
+        image_aspect_ratio=image_aspect_ratio,
+        mm_use_im_start_end=mm_use_im_start_end,
+        skip_bad_records=skip_bad_records,
+        skip_log_dir=skip_log_dir,
+        max_image_pixels=max_image_pixels,
+    )
+    if anyres is None and os.path.isfile(data_path) and data_path.endswith(".json"):
+        key = {
+            "version": CACHE_VERSION,
+            "dataset": SupervisedDataset.__qualname__,
+            "data": data_file_identity(data_path),
+            "reader": [
+                image_folder and os.path.abspath(image_folder),
+                dataset_text_field,
+                dataset_image_field,
+            ],  # fmt: skip
+            "tokenizer": tokenizer_fingerprint(tokenizer),
+            "template": repr(template),
+            "images": [
+                image_processor is not None,
+                num_image_tokens,
+                mm_use_im_start_end,
+                image_aspect_ratio,
+            ],  # fmt: skip
+            "model_max_length": model_max_length,
+        }
+        cache = LengthCache(key, data_path, skip_log_dir)
+
+        def build() -> SupervisedDataset:
+            records = JsonRecords.read(
+                data_path, image_folder, dataset_text_field, dataset_image_field
+            )
+            dataset = SupervisedDataset(
+                records, tokenizer, template, model_max_length,
+                num_image_tokens=num_image_tokens, summary=DataSummary(source=data_path),
+                **options,
+            )  # fmt: skip
+            if LengthCache.enabled():
+                cache.save(dataset.cached_build())
+            return dataset
+
+        def use(cached: CachedBuild) -> SupervisedDataset:
+            records = JsonRecords(
+                data_path, cached.starts, cached.ends, cached.columns, cached.base_folder
+            )
+            return SupervisedDataset(
+                records, tokenizer, template, model_max_length,
+                num_image_tokens=num_image_tokens, summary=DataSummary(source=data_path),
+                cached=cached, **options,
+            )  # fmt: skip
+
+        if not LengthCache.enabled():
+            return build()
+        return built_once(cache, build, use)
     loaded = load_records(
         data_path, image_folder, dataset_text_field, dataset_image_field, skip_bad_records
     )
@@ -294,15 +470,10 @@ def load_supervised_dataset(
         tokenizer,
         template,
         model_max_length,
-        image_processor=image_processor,
         **image_inputs,
-        image_aspect_ratio=image_aspect_ratio,
-        mm_use_im_start_end=mm_use_im_start_end,
-        skip_bad_records=skip_bad_records,
         summary=DataSummary(source=data_path),
         skipped=loaded.skipped,
-        skip_log_dir=skip_log_dir,
-        max_image_pixels=max_image_pixels,
+        **options,
     )
 
 

@@ -409,15 +409,22 @@ def json_records(
     for index, row in rows:
         if isinstance(row, BadRecordError):
             yield row
-            continue
-        if not isinstance(row, dict):  # (columns is None only when no row is an object)
-            kind = type(row).__name__
-            yield BadRecordError(path, index, f"a record must be a JSON object, found {kind}")
-            continue
-        try:
-            yield parse_row(row, columns, row_images(row, columns.image), path, index, base_folder)
-        except BadRecordError as error:
-            yield error
+        else:
+            yield json_row_record(row, index, columns, path, base_folder)
+
+
+def json_row_record(
+    row: Any, index: int, columns: Columns | None, path: str, base_folder: str
+) -> Record | BadRecordError:
+    """One parsed JSON row as a Record, or the BadRecordError that names it (`columns` is None
+    only when no row of the file is an object)."""
+    if not isinstance(row, dict):
+        kind = type(row).__name__
+        return BadRecordError(path, index, f"a record must be a JSON object, found {kind}")
+    try:
+        return parse_row(row, columns, row_images(row, columns.image), path, index, base_folder)
+    except BadRecordError as error:
+        return error
 
 
 # -- Hugging Face datasets (save_to_disk folders, parquet) --------------------------------------

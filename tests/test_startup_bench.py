@@ -1,0 +1,35 @@
+"""The start-up benchmark's data looks like LLaVA's mixture, and its command runs (tiny)."""
+
+import glob
+import json
+
+import pytest
+
+from llava.bench.startup import main, write_mixture
+from llava.data.formats import load_records
+
+
+def test_the_mixture_has_llava_like_records(tmp_path):
+    path = write_mixture(str(tmp_path), 2000)
+    rows = json.load(open(path))
+    assert len(rows) == 2000
+    text_only = [row for row in rows if "image" not in row]
+    assert 0.03 < len(text_only) / len(rows) < 0.09
+    for row in rows:
+        turns = row["conversations"]
+        assert 2 <= len(turns) <= 8 and len(turns) % 2 == 0
+        questions = [len(turn["value"].split()) for turn in turns[0::2]]
+        answers = [len(turn["value"].split()) for turn in turns[1::2]]
+        assert all(10 <= n <= 42 for n in questions) and all(5 <= n <= 300 for n in answers)
+    assert len(load_records(path, str(tmp_path / "images")).records) == 2000  # images exist
+
+
+@pytest.mark.slow
+def test_the_command_runs_two_ranks_cold_then_from_the_cache(tmp_path):
+    rows = main(["--records", "2000", "--ranks", "2", "--workers", "0", "--workdir", str(tmp_path)])
+    assert [(start, result["rank"]) for start, result in rows] == [
+        ("cold", 0), ("cold", 1), ("warm", 0), ("warm", 1)
+    ]  # fmt: skip
+    assert {result["samples"] for _, result in rows} == {2000}
+    assert all(result["first_batch_s"] >= result["ready_s"] > 0 for _, result in rows)
+    assert len(glob.glob(str(tmp_path / "mix2000.json.lengths-*.npz"))) == 1
