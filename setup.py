@@ -26,6 +26,7 @@ setup(
         "safetensors",
         "numpy",
         "datasets>=2.19",  # local Hugging Face datasets (save_to_disk folders, parquet)
+        "av>=12",  # PyAV: video records' frames (wheels carry their own FFmpeg)
     ],
     extras_require={
         "habana": ["optimum-habana>=1.21,<1.22"],

@@ -15,3 +15,6 @@ IMAGE_PLACEHOLDER_ID = -200
 IMAGE_START_TOKEN = "<im_start>"
 IMAGE_END_TOKEN = "<im_end>"
 IMAGE_PATCH_TOKEN = "<im_patch>"
+
+# The tag that marks where a video goes (its frames' features, in order).
+VIDEO_TOKEN = "<video>"

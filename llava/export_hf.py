@@ -1,5 +1,6 @@
 """Export to a transformers LlavaForConditionalGeneration folder (model, processor, template);
-an anyres model (spatial_unpad, no anyres_max_N cap) to LlavaNextForConditionalGeneration.
+an anyres model (spatial_unpad) to LlavaNextForConditionalGeneration, an anyres_max_N one
+(OneVision: its cap, several images, video) to LlavaOnevisionForConditionalGeneration.
 
     python -m llava.export_hf --model-path P [--model-base B] --output-dir D [--conv-mode v1]
 
@@ -13,48 +14,73 @@ import argparse
 import os
 
 import torch
+import transformers
 from transformers import (
-    LlavaForConditionalGeneration,
-    LlavaNextForConditionalGeneration,
     LlavaNextProcessor,
+    LlavaOnevisionProcessor,
     LlavaProcessor,
     PreTrainedTokenizerBase,
 )
 
 from llava.compat import make_config_portable, portable_state_dict, save_processor
-from llava.constants import IMAGE_TOKEN
+from llava.constants import IMAGE_TOKEN, VIDEO_TOKEN
 from llava.conversation import get_template
-from llava.data.anyres_data import anyres_image_processor
+from llava.data.anyres_data import anyres_image_processor, video_processor
 from llava.model.builder import load_pretrained_model
 from llava.model.hf_llava import (
     check_exportable,
+    hf_class_name,
     hf_llava_config,
     hf_llava_state_dict,
     jinja_chat_template,
 )
 
 
-def add_image_token(model, tokenizer) -> int:
-    """Give <image> a token id; its new embedding and output rows are zero (never predicted
-    from a trained row, and its input embedding is always replaced by image features)."""
-    if IMAGE_TOKEN in tokenizer.get_vocab():
-        return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
-    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+def add_media_token(model, tokenizer, token: str = IMAGE_TOKEN) -> int:
+    """Give <image> (or <video>) a token id; its new embedding and output rows are zero (never
+    predicted from a trained row, and its input embedding is always replaced by features)."""
+    if token in tokenizer.get_vocab():
+        return tokenizer.convert_tokens_to_ids(token)
+    tokenizer.add_tokens([token], special_tokens=True)
+    token_id = tokenizer.convert_tokens_to_ids(token)
     old_rows = model.get_input_embeddings().weight.shape[0]
-    if image_token_id >= old_rows:
-        model.language_model.resize_token_embeddings(image_token_id + 1, mean_resizing=False)
+    if token_id >= old_rows:
+        model.language_model.resize_token_embeddings(token_id + 1, mean_resizing=False)
         with torch.no_grad():
             model.get_input_embeddings().weight[old_rows:] = 0
             model.get_output_embeddings().weight[old_rows:] = 0
-        model.config.text_config.vocab_size = image_token_id + 1
-    return image_token_id
+        model.config.text_config.vocab_size = token_id + 1
+    return token_id
 
 
-def hf_model_class(model) -> type:
-    """transformers' class of the export: LlavaNext for an anyres model, else Llava."""
-    return (
-        LlavaForConditionalGeneration if model.anyres is None else LlavaNextForConditionalGeneration
+def hf_processor(model, loaded, tokenizer, strategy: str, chat_template: str):
+    """The processor of the export's class, preparing images as the model was trained."""
+    geometry = model.vision_tower.geometry
+    if model.anyres is not None and model.anyres.several_images_whole:  # OneVision's
+        return LlavaOnevisionProcessor(
+            image_processor=anyres_image_processor(loaded.image_processor, model.anyres),
+            tokenizer=tokenizer,
+            video_processor=video_processor(loaded.image_processor, model.anyres),
+            # its count includes the CLS position that "default" drops
+            num_image_tokens=geometry.num_patches + int(strategy == "default"),
+            vision_feature_select_strategy=strategy,
+            image_token=IMAGE_TOKEN,
+            video_token=VIDEO_TOKEN,
+            vision_aspect_ratio=model.config.image_aspect_ratio,
+            chat_template=chat_template,
+        )
+    processor_class, image_processor = LlavaProcessor, loaded.image_processor
+    if model.anyres is not None:  # LlavaNext's: the tiles its model packs
+        processor_class = LlavaNextProcessor
+        image_processor = anyres_image_processor(loaded.image_processor, model.anyres)
+    return processor_class(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=geometry.patch_size,
+        vision_feature_select_strategy=strategy,
+        num_additional_image_tokens=int(geometry.has_cls_token),
+        image_token=IMAGE_TOKEN,
+        chat_template=chat_template,
     )
 
 
@@ -80,29 +106,20 @@ def export(
     check_exportable(model.config)
     # The tokenizer's and the processor's template are one file (chat_template.jinja).
     chat_template = tokenizer.chat_template = chat_template_for(conv_mode, tokenizer)
-    image_token_id = add_image_token(model, tokenizer)
-    config = hf_llava_config(model.config, image_token_id)
-    hf_model = hf_model_class(model)(config)
+    image_token_id = add_media_token(model, tokenizer)
+    target = hf_class_name(model.config)
+    video_token_id = None
+    if target == "LlavaOnevisionForConditionalGeneration":
+        video_token_id = add_media_token(model, tokenizer, VIDEO_TOKEN)
+    config = hf_llava_config(model.config, image_token_id, video_token_id)
+    hf_model = getattr(transformers, target)(config)
     missing, unexpected = hf_model.load_state_dict(
         hf_llava_state_dict(model.state_dict()), strict=False
     )
     if missing or unexpected:
         raise RuntimeError(f"Export mapping incomplete: missing {missing}, unexpected {unexpected}")
     strategy = config.vision_feature_select_strategy
-    geometry = model.vision_tower.geometry
-    processor_class, image_processor = LlavaProcessor, loaded.image_processor
-    if model.anyres is not None:  # LlavaNext's: the tiles its model packs
-        processor_class = LlavaNextProcessor
-        image_processor = anyres_image_processor(loaded.image_processor, model.anyres)
-    processor = processor_class(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=geometry.patch_size,
-        vision_feature_select_strategy=strategy,
-        num_additional_image_tokens=int(geometry.has_cls_token),
-        image_token=IMAGE_TOKEN,
-        chat_template=chat_template,
-    )
+    processor = hf_processor(model, loaded, tokenizer, strategy, chat_template)
     # Weight names and config keys in the layout both transformers lines load.
     hf_model.save_pretrained(
         output_dir, state_dict=portable_state_dict(hf_model, hf_model.state_dict())

@@ -45,6 +45,7 @@ class Prompt:
     input_ids: list[int]
     pixel_values: torch.Tensor | None  # (num_images, 3, H, W); anyres: (tiles, 3, H, W)
     image_sizes: torch.Tensor | None = None  # anyres: (num_images, 2), (height, width)
+    media_kinds: torch.Tensor | None = None  # anyres: (num_images,), llava.data.media.TILED ...
 
 
 def with_image_tag(question: str, num_images: int) -> str:
@@ -123,12 +124,15 @@ class Answerer:
         if self.anyres_media is None:
             return Prompt(self.conversation.encode_prompt(turns), self.pixels(image_sources))
         images = [load_image(source) for source in image_sources]
-        image_ids = [self.anyres_media.image_ids(image.size) for image in images]
+        kinds = self.anyres_media.kinds(images)
+        image_ids = self.anyres_media.media_ids(kinds, [image.size for image in images])
         input_ids = self.conversation.encode_prompt(turns, image_ids)
         if not images:
             return Prompt(input_ids, None)
-        pixels = self.anyres_media.pixels(images)
-        return Prompt(input_ids, pixels["pixel_values"], pixels["image_sizes"])
+        pixels = self.anyres_media.pixels(images, kinds)
+        return Prompt(
+            input_ids, pixels["pixel_values"], pixels["image_sizes"], pixels["media_kinds"]
+        )
 
     def question_prompt(self, question: str, image_sources: Sequence[Any] = ()) -> Prompt:
         turns = [Turn(USER, with_image_tag(question, len(image_sources)))]
@@ -153,6 +157,8 @@ class Answerer:
         sizes = [p.image_sizes for p in prompts if p.image_sizes is not None]
         if sizes:
             batch["image_sizes"] = torch.cat(sizes).to(self.device)
+            kinds = [p.media_kinds for p in prompts if p.media_kinds is not None]
+            batch["media_kinds"] = torch.cat(kinds).to(self.device)
         return batch
 
     def new_tokens(self, output: torch.Tensor, prompt_width: int) -> torch.Tensor:

@@ -112,7 +112,7 @@ def test_tiles_and_sizes_that_disagree_are_named(dataset, anyres_model):
     with pytest.raises(ValueError, match="anyres pixel_values need image_sizes"):
         anyres_model(**{k: v for k, v in batch.items() if k != "image_sizes"})
     batch["pixel_values"] = batch["pixel_values"][:-1]
-    with pytest.raises(ValueError, match=r"anyres pixel_values hold \d+ tiles; the images' sizes"):
+    with pytest.raises(ValueError, match=r"anyres pixel_values hold \d+ views; the media's kinds"):
         anyres_model(**batch)
 
 

@@ -1,15 +1,20 @@
-"""AnyRes samples of the composed model (LLaVA-NeXT / OneVision tiling).
+"""AnyRes samples of the composed model (LLaVA-NeXT / OneVision tiling, several images, video).
 
-Each image's token count depends on its size (llava.data.media.AnyRes): it is read from the
-file's header before any decoding, so lengths, the sampler and cuts are exact; a sample's
-images are then decoded and cut into the base image and its tiles by transformers'
-LlavaNextImageProcessor, set up with the tower's tile size and normalisation. A sample holds
-`pixel_values` (base and tiles of every image, in order: (tiles, 3, H, W)) and `image_sizes`
-((images, 2), height and width), from which the model finds each image's layout again.
+Each medium's token count depends on how it is seen (llava.data.media.AnyRes.media_kinds: an
+image tiled, an image whole, a video) and, when tiled, on its size: read from the file's header
+before any decoding, so lengths, the sampler and cuts are exact. A sample's media are then
+decoded and processed by transformers' image processor of the mode (LlavaNextImageProcessor for
+anyres; LlavaOnevisionImageProcessor for anyres_max_N, which also sees a several-image
+sample's images whole) and, for videos, LlavaOnevisionVideoProcessor, all set up with the
+tower's tile size and normalisation. A sample holds `pixel_values` (every medium's views in
+order: base and tiles, one whole image, or a video's frames: (views, 3, H, W)), `image_sizes`
+((media, 2), height and width; a video's frames') and `media_kinds` ((media,), TILED, WHOLE or
+VIDEO), from which the model finds each medium's layout again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,23 +24,45 @@ from PIL import Image
 from llava.data.dataset import SupervisedDataset
 from llava.data.formats import BadRecordError, Record
 from llava.data.images import load_image
-from llava.data.media import AnyRes
+from llava.data.media import TILED, VIDEO, AnyRes
 from llava.data.tokenize import ConversationTokenizer, fit
+from llava.data.video import Video, read_frames
 
 Size = tuple[int, int]  # (width, height), as PIL gives it
 
 
 def anyres_image_processor(tower_processor: Any, anyres: AnyRes) -> Any:
-    """LLaVA-NeXT's image processor over the tower's tile size and normalisation: the base image
-    squashed to a tile, the tiles cut from the image fitted (aspect kept, centred, padded) into
-    its best pinpoint."""
-    from transformers import LlavaNextImageProcessor
+    """The mode's image processor over the tower's tile size and normalisation: the tiles cut
+    from the image fitted (aspect kept, centred, padded) into its best pinpoint; the base image
+    squashed to a tile (OneVision's, anyres_max_N) or its short side resized and centre-cropped
+    (LLaVA-NeXT's)."""
+    from transformers import LlavaNextImageProcessor, LlavaOnevisionImageProcessor
 
     height, width = anyres.tile.image_size
+    common = {
+        "image_grid_pinpoints": [list(pinpoint) for pinpoint in anyres.pinpoints],
+        "image_mean": tower_processor.image_mean,
+        "image_std": tower_processor.image_std,
+        "resample": tower_processor.resample,
+        "rescale_factor": tower_processor.rescale_factor,
+    }
+    if anyres.several_images_whole:
+        return LlavaOnevisionImageProcessor(size={"height": height, "width": width}, **common)
     return LlavaNextImageProcessor(
         size={"shortest_edge": min(height, width)},
         crop_size={"height": height, "width": width},
-        image_grid_pinpoints=[list(pinpoint) for pinpoint in anyres.pinpoints],
+        **common,
+    )
+
+
+def video_processor(tower_processor: Any, anyres: AnyRes) -> Any:
+    """OneVision's video processor over the tower's tile size and normalisation: each frame
+    squashed to a tile."""
+    from transformers import LlavaOnevisionVideoProcessor
+
+    height, width = anyres.tile.image_size
+    return LlavaOnevisionVideoProcessor(
+        size={"height": height, "width": width},
         image_mean=tower_processor.image_mean,
         image_std=tower_processor.image_std,
         resample=tower_processor.resample,
@@ -44,38 +71,67 @@ def anyres_image_processor(tower_processor: Any, anyres: AnyRes) -> Any:
 
 
 class AnyResMedia:
-    """Images as placeholder ids (by size, before decoding) and as tiles (after)."""
+    """A sample's media as placeholder ids (by kind and size, before decoding) and as the
+    pictures the tower sees (after)."""
 
     def __init__(
         self, anyres: AnyRes, tower_processor: Any, image_ids_for: Callable[[int], list[int]]
     ):
         self.anyres = anyres
         self.image_processor = anyres_image_processor(tower_processor, anyres)
+        self.video_processor = video_processor(tower_processor, anyres) if anyres.video else None
         self.image_ids_for = image_ids_for
 
-    def image_ids(self, size: Size) -> list[int]:
-        return self.image_ids_for(self.anyres.num_image_tokens(size))
+    def kinds(self, media: Sequence[Any]) -> list[int]:
+        return self.anyres.media_kinds([isinstance(medium, Video) for medium in media])
 
-    def pixels(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
-        """{"pixel_values": (tiles, 3, H, W), "image_sizes": (images, 2)}: each image's base
-        image then its tiles, in order; sizes as (height, width)."""
-        tiles = []
-        for image in images:
-            rows, columns = self.anyres.layout(image.size).tiles
-            values = self.image_processor([image], return_tensors="pt")["pixel_values"][0]
-            if values.shape[0] < 1 + rows * columns:
+    def media_ids(self, kinds: Sequence[int], sizes: Sequence[Size | None]) -> list[list[int]]:
+        return [
+            self.image_ids_for(self.anyres.medium_tokens(kind, size))
+            for kind, size in zip(kinds, sizes)
+        ]
+
+    def pixels(self, media: Sequence[Any], kinds: Sequence[int]) -> dict[str, torch.Tensor]:
+        """{"pixel_values": (views, 3, H, W), "image_sizes": (media, 2), "media_kinds":
+        (media,)} of decoded media (an image, or a video's frames), in order."""
+        images = [medium for medium, kind in zip(media, kinds) if kind != VIDEO]
+        image_views = iter(self.image_views(images, [kind for kind in kinds if kind != VIDEO]))
+        views, sizes = [], []
+        for medium, kind in zip(media, kinds):
+            if kind == VIDEO:
+                frames = self.video_processor(videos=[medium], return_tensors="pt")
+                views.append(frames["pixel_values_videos"][0])  # (frames, 3, H, W)
+                sizes.append([medium[0].height, medium[0].width])
+            else:
+                views.append(next(image_views))
+                sizes.append([medium.height, medium.width])
+        return {
+            "pixel_values": torch.cat(views),
+            "image_sizes": torch.tensor(sizes),
+            "media_kinds": torch.tensor(list(kinds)),
+        }
+
+    def image_views(self, images: list[Image.Image], kinds: list[int]) -> list[torch.Tensor]:
+        """Each image's views (base and tiles, or the one whole image), processed as one
+        sample (the processor pads them to one count: the real ones are taken)."""
+        if not images:
+            return []
+        values = self.image_processor([images], return_tensors="pt")["pixel_values"]
+        views = []
+        for image, kind, processed in zip(images, kinds, values):
+            count = self.anyres.medium_views(kind, image.size)
+            if processed.shape[0] < count:
                 raise ValueError(
-                    f"the image processor cut a {image.size} image into {values.shape[0]} "
-                    f"pieces, not 1 + {rows} x {columns}"
+                    f"the image processor cut a {image.size} image into {processed.shape[0]} "
+                    f"pieces, not {count}"
                 )
-            tiles.append(values[: 1 + rows * columns])
-        sizes = [[image.height, image.width] for image in images]
-        return {"pixel_values": torch.cat(tiles), "image_sizes": torch.tensor(sizes)}
+            views.append(processed[:count])
+        return views
 
 
 class AnyResDataset(SupervisedDataset):
-    """Records -> {"input_ids", "labels", "pixel_values" (tiles, 3, H, W), "image_sizes"}, each
-    image's placeholders as many as AnyRes gives its size."""
+    """Records -> {"input_ids", "labels", "pixel_values" (views, 3, H, W), "image_sizes",
+    "media_kinds"}, each medium's placeholders as many as AnyRes gives its kind and size."""
 
     def __init__(
         self,
@@ -102,12 +158,25 @@ class AnyResDataset(SupervisedDataset):
             **kwargs,
         )
 
+    def media_ids(self, record: Record, decoded: Sequence[Any] = ()) -> list[list[int]]:
+        """Each medium's placeholder ids: tiled images by size (the decoded ones', the others'
+        from their headers), whole images and videos by kind alone."""
+        try:
+            kinds = self.media.kinds(record.images)
+        except ValueError as error:
+            raise BadRecordError(record.source, record.index, str(error), record.id) from None
+        tiled = [m for m, kind in zip(record.images, kinds) if kind == TILED]
+        decoded_tiled = [m for m, kind in zip(decoded, kinds) if kind == TILED]
+        sizes = iter(self.sizes(dataclasses.replace(record, images=tuple(tiled)), decoded_tiled))
+        media_sizes = [next(sizes) if kind == TILED else None for kind in kinds]
+        return self.media.media_ids(kinds, media_sizes)
+
     def add_block(self, records: list[Record]) -> None:
         """Read image sizes, tokenize (one batched call) and keep what has something to learn."""
         sized = []
         for record in records:
             try:
-                sized.append((record, [self.media.image_ids(s) for s in self.sizes(record)]))
+                sized.append((record, self.media_ids(record)))
             except BadRecordError as error:
                 self.bad(error)
         encoded = self.conversation_tokenizer.encode_many(
@@ -119,14 +188,20 @@ class AnyResDataset(SupervisedDataset):
             else:
                 self.add(record, *fit(item, self.model_max_length))
 
+    def decode(self, medium: Any) -> Any:
+        """An image, or a video's sampled frames."""
+        if isinstance(medium, Video):
+            return read_frames(medium, self.media.anyres.video.frames)
+        return load_image(medium, self.max_image_pixels)
+
     def load(self, i: int) -> dict[str, torch.Tensor | None]:
         record, num_images = self.samples[i]
         try:
-            images = [load_image(s, self.max_image_pixels) for s in record.images[:num_images]]
+            media = [self.decode(medium) for medium in record.images[:num_images]]
         except ValueError as error:
             raise BadRecordError(record.source, record.index, str(error), record.id) from None
-        image_ids = [self.media.image_ids(size) for size in self.sizes(record, images)]
-        encoded = self.conversation_tokenizer.encode_many([list(record.turns)], [image_ids])[0]
+        media_ids = self.media_ids(record, media)
+        encoded = self.conversation_tokenizer.encode_many([list(record.turns)], [media_ids])[0]
         sample, _ = fit(encoded, self.model_max_length)
         if sample is None or len(sample.input_ids) != self.lengths[i]:
             reason = "its images decode to other sizes than their headers say"
@@ -137,5 +212,6 @@ class AnyResDataset(SupervisedDataset):
             "pixel_values": None,
         }
         if num_images:
-            item.update(self.media.pixels(images))
+            kinds = self.media.kinds(record.images)
+            item.update(self.media.pixels(media, kinds[:num_images]))
         return item

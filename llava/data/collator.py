@@ -54,11 +54,17 @@ def bucket_lengths(max_length: int, num_buckets: int, multiple: int = 8) -> tupl
     return tuple(sorted(lengths))
 
 
-def image_sizes_of(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """AnyRes samples' `image_sizes` ((n, 2) each) in the order given, as {"image_sizes":
-    (N_images, 2)}; nothing for samples without them."""
-    sizes = [s["image_sizes"] for s in samples if s.get("image_sizes") is not None]
-    return {"image_sizes": torch.cat(sizes)} if sizes else {}
+def media_layout_of(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """AnyRes samples' `image_sizes` ((n, 2) each) and `media_kinds` ((n,) each) in the order
+    given, as {"image_sizes": (N_media, 2), "media_kinds": (N_media,)}; nothing for samples
+    without them."""
+    sized = [s for s in samples if s.get("image_sizes") is not None]
+    if not sized:
+        return {}
+    layout = {"image_sizes": torch.cat([s["image_sizes"] for s in sized])}
+    if any(s.get("media_kinds") is not None for s in sized):
+        layout["media_kinds"] = torch.cat([s["media_kinds"] for s in sized])
+    return layout
 
 
 @dataclass
@@ -100,7 +106,7 @@ class SupervisedCollator:
             batch.update(self.fixed_image_slots(pixels))
         elif pixels:
             batch["pixel_values"] = torch.cat(pixels)  # (N_images, 3, H, W), sample order
-            batch.update(image_sizes_of(samples))
+            batch.update(media_layout_of(samples))
         return batch
 
     def fixed_image_slots(self, pixels: list[torch.Tensor]) -> dict[str, torch.Tensor]:

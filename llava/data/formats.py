@@ -14,12 +14,14 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from llava.constants import IMAGE_TOKEN
+from llava.constants import IMAGE_TOKEN, VIDEO_TOKEN
 from llava.conversation import ASSISTANT, SYSTEM, USER, Turn
+from llava.data.video import Video
 
 # Role names of the supported formats, mapped to the internal ones.
 ROLE_NAMES = {
@@ -36,6 +38,8 @@ CAPTION_COLUMNS = ("caption",)
 QUESTION_COLUMNS = ("question", "query")
 ANSWER_COLUMNS = ("answer", "label")
 IMAGE_COLUMNS = ("images", "image")
+VIDEO_COLUMNS = ("videos", "video")
+MEDIA_TAG = re.compile(f"({re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)})")
 
 
 class DataFileError(ValueError):
@@ -72,10 +76,11 @@ class DatasetImage:
 
 @dataclass(frozen=True)
 class Record:
-    """One training conversation and its images (in the order of its <image> tags)."""
+    """One training conversation and its media (in the order of its <image> tags): images, and
+    videos (`llava.data.video.Video`) where the data wrote a <video> tag."""
 
     turns: tuple[Turn, ...]
-    images: tuple[Any, ...]  # str path | bytes | dict | PIL image | DatasetImage
+    images: tuple[Any, ...]  # str path | bytes | dict | PIL image | DatasetImage | Video
     source: str
     index: int
     id: Any = None
@@ -231,12 +236,50 @@ def place_image_tags(
     return turns
 
 
+def interleave_videos(
+    turns: list[Turn], images: list[Any], videos: list[Video]
+) -> tuple[list[Turn], list[Any]]:
+    """A record's videos join its media where their <video> tags are: each tag becomes an
+    <image> tag and the media follow the text's tag order. In LLaVA-Video's records a video is
+    tagged <image> (no <video> tag, no images): those tags then stand for the videos."""
+    num_video_tags = sum(turn.text.count(VIDEO_TOKEN) for turn in turns)
+    if num_video_tags != len(videos) and (num_video_tags or images):
+        raise ValueError(f"{num_video_tags} {VIDEO_TOKEN} tags but {len(videos)} videos")
+    if not videos:
+        return turns, images
+    if not num_video_tags:
+        return turns, list(videos)
+    num_image_tags = sum(turn.text.count(IMAGE_TOKEN) for turn in turns)
+    if num_image_tags != len(images):  # (untagged images too: there is no order to put them in)
+        raise ValueError(f"{num_image_tags} {IMAGE_TOKEN} tags but {len(images)} images")
+    image_queue, video_queue = iter(images), iter(videos)
+    media = [
+        next(video_queue if tag == VIDEO_TOKEN else image_queue)
+        for turn in turns
+        for tag in MEDIA_TAG.findall(turn.text)
+    ]
+    turns = [Turn(turn.role, turn.text.replace(VIDEO_TOKEN, IMAGE_TOKEN)) for turn in turns]
+    return turns, media
+
+
 # -- rows -> records ------------------------------------------------------------------------
 def row_images(row: dict[str, Any], column: str | None) -> list[Any]:
     value = row.get(column) if column else None
     if value is None:
         return []
     return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def row_videos(row: dict[str, Any]) -> list[str]:
+    """The video paths of a row (a `video` or `videos` field: one path or a list)."""
+    for name in VIDEO_COLUMNS:
+        if row.get(name) is not None:
+            value = row[name]
+            paths = list(value) if isinstance(value, (list, tuple)) else [value]
+            if not all(isinstance(path, str) for path in paths):
+                raise ValueError(f"{name} must be a video file path or a list of them")
+            return paths
+    return []
 
 
 def resolve_image(image: Any, base_folder: str | None) -> Any:
@@ -279,6 +322,8 @@ def parse_row(
     try:
         images = list(images)
         turns = check_roles(row_turns(row, columns, images))
+        videos = [Video(resolve_image(path, base_folder)) for path in row_videos(row)]
+        turns, images = interleave_videos(turns, images, videos)
         turns = place_image_tags(
             turns,
             len(images),
@@ -289,6 +334,8 @@ def parse_row(
         for image in images:
             if check_files and isinstance(image, str) and not os.path.isfile(image):
                 raise ValueError(f"image file {image!r} not found")
+            if check_files and isinstance(image, Video) and not os.path.isfile(image.path):
+                raise ValueError(f"video file {image.path!r} not found")
     except (ValueError, AttributeError, TypeError) as error:
         raise BadRecordError(source, index, str(error), record_id) from None
     return Record(tuple(turns), tuple(images), source, index, record_id)

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from llava.data.media import is_anyres
+from llava.data.video import Video
 
 ASPECT_RATIOS = ("pad", "square")
 # Pillow's own default limit (its DecompressionBombWarning threshold), the --max_image_pixels default.
@@ -44,6 +45,11 @@ def open_source(source: Any) -> Image.Image:
         return Image.open(io.BytesIO(source))
     if isinstance(source, str):
         return Image.open(source)
+    if isinstance(source, Video):
+        raise ValueError(
+            f"{source.path!r} is a video: videos train on a composed model with "
+            "--image_aspect_ratio anyres or anyres_max_N"
+        )
     raise ValueError(f"cannot read an image from {type(source).__name__}")
 
 

@@ -172,9 +172,41 @@ class AnyResLayout:
     num_image_tokens: int
 
 
+# How the model sees each medium of a sample (one `media_kinds` entry per medium, in order):
+# an image tiled by AnyRes, an image seen whole (one tile, OneVision's images of a several-image
+# sample), or a video's frames.
+TILED, WHOLE, VIDEO = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class VideoSampling:
+    """A video as the model sees it: `frames` frames (sampled uniformly, llava.data.video), each
+    squashed to one tile; each frame's patch grid shrunk by bilinear resizing to
+    ceil(rows / pool_stride) x ceil(columns / pool_stride) (OneVision's pooling; 1 keeps it);
+    the frames' tokens in order, then one newline where the model closes rows with one."""
+
+    frames: int
+    pool_stride: int = 2
+
+    def __post_init__(self):
+        if self.frames < 1 or self.pool_stride < 1:
+            raise ValueError(
+                f"--video_frames {self.frames} and --video_pool_stride {self.pool_stride} must "
+                "be at least 1"
+            )
+
+    def pooled_grid(self, tile: ImageGeometry) -> tuple[int, int]:
+        rows, columns = tile.grid
+        return math.ceil(rows / self.pool_stride), math.ceil(columns / self.pool_stride)
+
+    def num_image_tokens(self, tile: ImageGeometry, newline: bool) -> int:
+        rows, columns = self.pooled_grid(tile)
+        return self.frames * rows * columns + int(newline)
+
+
 @dataclass(frozen=True)
 class AnyRes:
-    """LLaVA-NeXT's AnyRes over a tower of `tile` geometry.
+    """LLaVA-NeXT's AnyRes over a tower of `tile` geometry, and OneVision's media around it.
 
     The image is fitted into the best of `pinpoints` (the most of its pixels kept, then the
     least waste), cut into tiles the tower takes, and a downscaled copy of the whole image goes
@@ -182,12 +214,16 @@ class AnyRes:
     columns that are padding for the image's aspect ratio, and ends each row with a learned
     newline; "flat" keeps every tile's features in order. `max_tiles` (OneVision's
     anyres_max_N) shrinks an unpadded grid of more than about N tiles' features.
+    `several_images_whole` (OneVision): in a sample of several images each is seen whole, one
+    tile closed by a newline. `video`: how videos are seen (None: the model takes none).
     """
 
     pinpoints: tuple[Resolution, ...]
     tile: ImageGeometry
     merge: str = "spatial_unpad"
     max_tiles: int | None = None
+    several_images_whole: bool = False
+    video: VideoSampling | None = None
 
     def __post_init__(self):
         if self.merge not in MERGES:
@@ -232,6 +268,32 @@ class AnyRes:
     def num_image_tokens(self, size: tuple[int, int]) -> int:
         return self.layout(size).num_image_tokens
 
+    @property
+    def has_newline(self) -> bool:
+        return self.merge == "spatial_unpad"
+
+    def media_kinds(self, is_video: Sequence[bool]) -> list[int]:
+        """How each medium of one sample is seen, given which of them are videos."""
+        if any(is_video) and self.video is None:
+            raise ValueError("a video record, but the model takes no videos (set --video_frames)")
+        whole = self.several_images_whole and len(is_video) - sum(is_video) > 1
+        return [VIDEO if video else WHOLE if whole else TILED for video in is_video]
+
+    def medium_tokens(self, kind: int, size: tuple[int, int] | None) -> int:
+        """The image tokens of one medium of `kind`; `size` (width, height) for a tiled image."""
+        if kind == TILED:
+            return self.layout(size).num_image_tokens
+        if kind == WHOLE:
+            return self.tile.num_image_tokens + int(self.has_newline)
+        return self.video.num_image_tokens(self.tile, self.has_newline)
+
+    def medium_views(self, kind: int, size: tuple[int, int] | None) -> int:
+        """The pictures of one medium the tower sees: base and tiles, one, or the frames."""
+        if kind == TILED:
+            rows, columns = self.layout(size).tiles
+            return 1 + rows * columns
+        return 1 if kind == WHOLE else self.video.frames
+
 
 def unpadded_grid(rows: int, columns: int, height: int, width: int) -> tuple[int, int]:
     """The part of a rows x columns feature grid an image of height x width fills when fitted
@@ -258,11 +320,15 @@ def anyres_of(
     pinpoints: str | Sequence[Sequence[int]] | None,
     merge: str,
     tile: ImageGeometry,
+    video_frames: int | None = None,
+    video_pool_stride: int = 2,
 ) -> AnyRes | None:
     """The AnyRes of a model's settings (None unless its aspect ratio is anyres): `pinpoints`
     as --image_grid_pinpoints writes them (`parse_pinpoints`, in the tower's tiles) or as a
     saved config's (height, width) pairs, `merge` its mm_patch_merge_type, `tile` its tower's
-    geometry (square tiles)."""
+    geometry (square tiles). anyres_max_N is OneVision's: its cap, and the images of a
+    several-image sample seen whole. `video_frames` (None: no videos) and `video_pool_stride`
+    say how videos are seen."""
     match = ANYRES_ASPECT.match(image_aspect_ratio or "")
     if match is None:
         return None
@@ -275,4 +341,5 @@ def anyres_of(
         pinpoints = parse_pinpoints(pinpoints, tile_height)
     max_tiles = int(match.group(1)) if match.group(1) else None
     resolutions = tuple((int(height), int(width)) for height, width in pinpoints)
-    return AnyRes(resolutions, tile, merge, max_tiles)
+    video = VideoSampling(video_frames, video_pool_stride) if video_frames else None
+    return AnyRes(resolutions, tile, merge, max_tiles, max_tiles is not None, video)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from llava.constants import IGNORE_INDEX
-from llava.data.collator import image_sizes_of
+from llava.data.collator import media_layout_of
 
 # The key of the packed batch holding each sample's length, in packed order. It is metadata
 # for throughput statistics: the trainer removes it before calling the model.
@@ -107,7 +107,7 @@ class PackingCollator:
         pixels = [p for p in pixels if p is not None and p.shape[0] > 0]
         if pixels:
             batch["pixel_values"] = torch.cat(pixels)  # (N_images, 3, H, W), packed order
-            batch.update(image_sizes_of([samples[i] for i in order]))
+            batch.update(media_layout_of([samples[i] for i in order]))
         return batch
 
 

@@ -64,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--mm_patch_merge_type", default="spatial_unpad", choices=["spatial_unpad", "flat"]
     )
+    parser.add_argument("--video_frames", type=int, default=None, help="With anyres: videos.")
+    parser.add_argument("--video_pool_stride", type=int, default=2, help="With --video_frames.")
     parser.add_argument("--model_max_length", type=int, default=2048)
     parser.add_argument("--dataset_text_field", default=None)
     parser.add_argument("--dataset_image_field", default=None)
@@ -272,7 +274,12 @@ def anyres_of_flags(args: argparse.Namespace) -> Any:
 
     _, geometry = describe_tower(args.vision_tower, args.mm_vision_select_feature)
     return anyres_of(
-        args.image_aspect_ratio, args.image_grid_pinpoints, args.mm_patch_merge_type, geometry
+        args.image_aspect_ratio,
+        args.image_grid_pinpoints,
+        args.mm_patch_merge_type,
+        geometry,
+        args.video_frames,
+        args.video_pool_stride,
     )
 
 

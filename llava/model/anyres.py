@@ -6,7 +6,9 @@ the tiles' features laid out as one feature grid, the rows or columns that are p
 image's aspect ratio dropped, each row closed by a learned newline. With `max_tiles` it is
 OneVision's (`LlavaOnevisionModel.pack_image_features`, anyres_max_N): an unpadded grid of more
 than about N tiles' features is first shrunk by bilinear interpolation. `flat` keeps every tile's
-features in tile order.
+features in tile order. `pack_medium` adds OneVision's other media: an image seen whole (its
+features, then a newline) and a video (each frame's grid pooled, the frames in order, then a
+newline; `LlavaOnevisionModel.get_video_features`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from llava.data.media import AnyRes, AnyResLayout, unpadded_grid
+from llava.data.media import TILED, WHOLE, AnyRes, AnyResLayout, unpadded_grid
 
 
 def pack_image_features(
@@ -82,3 +84,38 @@ def rows_with_newlines(grid: torch.Tensor, newline: torch.Tensor) -> torch.Tenso
     width, rows, _ = grid.shape
     closing = newline.to(grid.device, grid.dtype)[:, None, None].expand(width, rows, 1)
     return torch.cat([grid, closing], dim=2).flatten(1, 2).transpose(0, 1)
+
+
+def pack_medium(
+    features: torch.Tensor,
+    kind: int,
+    anyres: AnyRes,
+    image_size: tuple[int, int],
+    newline: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One medium's projected features, (views, P, D) as `anyres.medium_views` counts them, to
+    its (medium_tokens, D) image tokens; `image_size` (width, height) for a tiled image."""
+    if kind == TILED:
+        return pack_image_features(features, anyres, image_size, newline)
+    if kind == WHOLE:
+        tokens = features[0]  # (P, D)
+    else:
+        tokens = pool_frames(features, anyres.tile.grid, anyres.video.pooled_grid(anyres.tile))
+    if not anyres.has_newline:
+        return tokens
+    if newline is None:
+        raise ValueError("spatial_unpad closes a whole image or a video with a newline")
+    return torch.cat([tokens, newline.to(tokens.device, tokens.dtype)[None]])
+
+
+def pool_frames(
+    frames: torch.Tensor, grid: tuple[int, int], pooled: tuple[int, int]
+) -> torch.Tensor:
+    """(F, P, D) frame features over a rows x columns `grid` to (F * pooled cells, D): each
+    frame's grid resized bilinearly to `pooled`, frames in order."""
+    count, _, width = frames.shape
+    if tuple(pooled) != tuple(grid):
+        cells = frames.view(count, *grid, width).permute(0, 3, 1, 2)  # (F, D, rows, columns)
+        cells = F.interpolate(cells, size=list(pooled), mode="bilinear")
+        frames = cells.permute(0, 2, 3, 1).reshape(count, -1, width)
+    return frames.reshape(-1, width)

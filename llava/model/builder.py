@@ -129,13 +129,16 @@ def build_llava_model(
     image_aspect_ratio: str = "pad",
     image_grid_pinpoints: str | list[list[int]] | None = None,
     mm_patch_merge_type: str = "flat",
+    video_frames: int | None = None,
+    video_pool_stride: int = 2,
 ) -> LlavaForCausalLM:
     """Join a pretrained causal LM and a pretrained vision tower with a fresh projector.
 
     `language_model_kwargs` go to `AutoModelForCausalLM.from_pretrained` (for example a
     `quantization_config` for QLoRA). With `image_aspect_ratio` anyres / anyres_max_N, images
     are tiled into `image_grid_pinpoints` (a range such as "(1x1),...,(3x3)" in tiles, or a list
-    of resolutions) and laid out by `mm_patch_merge_type` (spatial_unpad or flat).
+    of resolutions) and laid out by `mm_patch_merge_type` (spatial_unpad or flat); such a model
+    takes videos of `video_frames` frames, each frame's grid pooled by `video_pool_stride`.
     """
     check_pretrained_source(model_name_or_path)
     if os.path.isdir(vision_tower):  # an HF tower folder; open_clip specs and hub ids are not
@@ -157,8 +160,17 @@ def build_llava_model(
     )
     tower.requires_grad_(False)
     anyres = anyres_of(
-        image_aspect_ratio, image_grid_pinpoints, mm_patch_merge_type, tower.geometry
+        image_aspect_ratio,
+        image_grid_pinpoints,
+        mm_patch_merge_type,
+        tower.geometry,
+        video_frames,
+        video_pool_stride,
     )
+    if video_frames and anyres is None:
+        raise ValueError(
+            "--video_frames: videos train with --image_aspect_ratio anyres or anyres_max_N"
+        )
     pinpoints = None if anyres is None else [list(pinpoint) for pinpoint in anyres.pinpoints]
     config = LlavaConfig(
         text_config=language_model.config,
@@ -171,6 +183,8 @@ def build_llava_model(
         image_aspect_ratio=image_aspect_ratio,
         image_grid_pinpoints=pinpoints,
         mm_patch_merge_type=mm_patch_merge_type,
+        video_frames=video_frames,
+        video_pool_stride=video_pool_stride,
     )
     model = LlavaForCausalLM(config, vision_tower=tower, language_model=language_model)
     config.num_image_tokens = model.num_image_tokens  # with the projector's token reduction
@@ -320,6 +334,8 @@ def base_with_saved_config(
         image_aspect_ratio=config.image_aspect_ratio,
         image_grid_pinpoints=getattr(config, "image_grid_pinpoints", None),
         mm_patch_merge_type=getattr(config, "mm_patch_merge_type", "flat"),
+        video_frames=getattr(config, "video_frames", None),
+        video_pool_stride=getattr(config, "video_pool_stride", 2),
     )
 
 

@@ -34,12 +34,15 @@ class LlavaConfig(PretrainedConfig):
         num_image_tokens: int | None = None,
         image_grid_pinpoints: list[list[int]] | None = None,
         mm_patch_merge_type: str = "flat",
+        video_frames: int | None = None,
+        video_pool_stride: int = 2,
         **kwargs: Any,
     ):
         """With `image_aspect_ratio` anyres (or anyres_max_N), `image_grid_pinpoints` are the
         (height, width) resolutions images are tiled into and `mm_patch_merge_type`
         (spatial_unpad or flat) how the tiles' features are laid out; `num_image_tokens` is then
-        a square image's count (each image's follows from its size)."""
+        a square image's count (each image's follows from its size). `video_frames` (None: the
+        model takes no videos) and `video_pool_stride` say how an anyres model sees a video."""
         if isinstance(text_config, dict):
             text_config = dict(text_config)
             text_config = AutoConfig.for_model(text_config.pop("model_type"), **text_config)
@@ -54,6 +57,8 @@ class LlavaConfig(PretrainedConfig):
         self.num_image_tokens = num_image_tokens
         self.image_grid_pinpoints = image_grid_pinpoints
         self.mm_patch_merge_type = mm_patch_merge_type
+        self.video_frames = video_frames
+        self.video_pool_stride = video_pool_stride
         if text_config is not None:
             kwargs.setdefault("tie_word_embeddings", text_config.tie_word_embeddings)
         super().__init__(**kwargs)

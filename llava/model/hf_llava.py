@@ -10,7 +10,7 @@ import torch
 from transformers import CLIPVisionConfig
 from transformers import LlavaConfig as HFLlavaConfig
 
-from llava.constants import IMAGE_TOKEN
+from llava.constants import IMAGE_TOKEN, VIDEO_TOKEN
 from llava.conversation import ChatTemplate, fill
 from llava.data.media import is_anyres
 from llava.model.config import LlavaConfig
@@ -39,21 +39,39 @@ INVERSE_KEY_PREFIXES = tuple((theirs, ours) for ours, theirs in KEY_PREFIXES) + 
 )
 
 
+def hf_class_name(config: LlavaConfig) -> str:
+    """transformers' class an export of `config` is: LlavaNext for anyres (LLaVA-NeXT),
+    LlavaOnevision for anyres_max_N (OneVision: its cap, several images, video), else Llava."""
+    aspect = config.image_aspect_ratio
+    if not is_anyres(aspect):
+        return "LlavaForConditionalGeneration"
+    if aspect == "anyres":
+        return "LlavaNextForConditionalGeneration"
+    return "LlavaOnevisionForConditionalGeneration"
+
+
 def check_exportable(config: LlavaConfig) -> None:
     """transformers' Llava has an HF CLIP/SigLIP tower and a two-layer GELU MLP projector;
-    its LlavaNext takes AnyRes with spatial_unpad and no anyres_max_N cap."""
+    its LlavaNext takes AnyRes with spatial_unpad, no anyres_max_N cap and no video; its
+    LlavaOnevision takes anyres_max_N with spatial_unpad and pools video frames by 2."""
     tower_type = config.vision_tower_config["tower_type"]
-    aspect = config.image_aspect_ratio
-    if is_anyres(aspect):
-        if aspect != "anyres":
-            raise ValueError(
-                f"image_aspect_ratio {aspect} (OneVision's cap) does not map onto "
-                "LlavaNextForConditionalGeneration, which takes plain anyres"
-            )
+    target = hf_class_name(config)
+    if target != "LlavaForConditionalGeneration":
         if config.mm_patch_merge_type != "spatial_unpad":
             raise ValueError(
                 f"mm_patch_merge_type {config.mm_patch_merge_type!r} does not map onto "
-                "LlavaNextForConditionalGeneration, which unpads its tiles (spatial_unpad)"
+                f"{target}, which unpads its tiles (spatial_unpad)"
+            )
+        frames = getattr(config, "video_frames", None)
+        if frames and target == "LlavaNextForConditionalGeneration":
+            raise ValueError(
+                "a model that takes videos does not map onto LlavaNextForConditionalGeneration "
+                "(no video); train with anyres_max_N for LlavaOnevisionForConditionalGeneration"
+            )
+        if frames and getattr(config, "video_pool_stride", 2) != 2:
+            raise ValueError(
+                f"video_pool_stride {config.video_pool_stride} does not map onto {target}, "
+                "which pools each frame's grid by 2"
             )
     if config.mm_projector_type != "mlp2x_gelu":
         raise ValueError(
@@ -66,8 +84,11 @@ def check_exportable(config: LlavaConfig) -> None:
         )
 
 
-def hf_llava_config(config: LlavaConfig, image_token_id: int) -> HFLlavaConfig:
-    """transformers' Llava config of our config (LlavaNext's for an anyres model)."""
+def hf_llava_config(
+    config: LlavaConfig, image_token_id: int, video_token_id: int | None = None
+) -> HFLlavaConfig:
+    """transformers' Llava config of our config (LlavaNext's for an anyres model,
+    LlavaOnevision's, with `video_token_id`, for anyres_max_N)."""
     check_exportable(config)
     vision_config = dict(config.vision_tower_config["vision_config"])
     if config.vision_tower_config["tower_type"] == "clip":
@@ -85,10 +106,23 @@ def hf_llava_config(config: LlavaConfig, image_token_id: int) -> HFLlavaConfig:
         image_seq_length=config.num_image_tokens,
         tie_word_embeddings=config.text_config.tie_word_embeddings,
     )
-    if is_anyres(config.image_aspect_ratio):
+    target = hf_class_name(config)
+    if target == "LlavaNextForConditionalGeneration":
         from transformers import LlavaNextConfig
 
         return LlavaNextConfig(image_grid_pinpoints=config.image_grid_pinpoints, **settings)
+    if target == "LlavaOnevisionForConditionalGeneration":
+        from transformers import LlavaOnevisionConfig
+
+        if video_token_id is None:
+            raise ValueError("a LlavaOnevision export needs the <video> token's id")
+        del settings["image_seq_length"]
+        return LlavaOnevisionConfig(
+            image_grid_pinpoints=config.image_grid_pinpoints,
+            vision_aspect_ratio=config.image_aspect_ratio,
+            video_token_index=video_token_id,
+            **settings,
+        )
     return HFLlavaConfig(**settings)
 
 
@@ -210,6 +244,7 @@ JINJA_TEMPLATE = """{%- macro message_text(message) -%}
 {%- if message['content'] is string -%}{{ message['content'] }}
 {%- else -%}
 {%- for item in message['content'] if item['type'] == 'image' -%}{{ @IMAGE_LINE@ }}{%- endfor -%}
+{%- for item in message['content'] if item['type'] == 'video' -%}{{ @VIDEO_LINE@ }}{%- endfor -%}
 {%- for item in message['content'] if item['type'] == 'text' -%}{{ item['text'] }}{%- endfor -%}
 {%- endif -%}
 {%- endmacro -%}
@@ -267,6 +302,7 @@ def jinja_chat_template(template: ChatTemplate, bos: str, eos: str) -> str:
     # json.dumps writes string literals and booleans that Jinja reads back unchanged.
     values = {
         "IMAGE_LINE": json.dumps(IMAGE_TOKEN + "\n"),
+        "VIDEO_LINE": json.dumps(VIDEO_TOKEN + "\n"),
         "IMAGE_TAG": json.dumps(IMAGE_TOKEN),
         "KEEP_USER_TEXT": json.dumps(template.keep_user_text),
         "DEFAULT_SYSTEM": json.dumps(template.system),

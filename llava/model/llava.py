@@ -18,8 +18,8 @@ from transformers.modeling_utils import AttentionInterface
 
 from llava.compat import portable_state_dict
 from llava.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
-from llava.data.media import ImageGeometry, anyres_of
-from llava.model.anyres import pack_image_features
+from llava.data.media import TILED, ImageGeometry, anyres_of
+from llava.model.anyres import pack_medium
 from llava.model.config import LlavaConfig
 from llava.model.projector import build_projector, projector_reduction
 from llava.model.vision_tower import VisionTower, build_vision_tower_from_config
@@ -238,6 +238,8 @@ class LlavaForCausalLM(PreTrainedModel):
             config.image_grid_pinpoints,
             config.mm_patch_merge_type,
             vision_tower.geometry,
+            getattr(config, "video_frames", None),
+            getattr(config, "video_pool_stride", 2),
         )
         if self.anyres is not None and reduction is not None:
             raise ValueError(
@@ -281,10 +283,15 @@ class LlavaForCausalLM(PreTrainedModel):
         return self.geometry.num_image_tokens
 
     # -- images into embeddings ---------------------------------------------------------------
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) pixels -> (N, num_image_tokens, D) language-model embeddings."""
-        features = self.tower_features(pixel_values)  # (N, P, C)
-        return self.projector(features.to(self.projector_dtype))
+    def encode_images(
+        self, pixel_values: torch.Tensor | None, tower_features: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(N, 3, H, W) pixels -> (N, num_image_tokens, D) language-model embeddings; given
+        `tower_features` (N, P, C), the tower's selected features read from a feature cache
+        (llava.data.feature_cache), only the projector runs."""
+        if tower_features is None:
+            tower_features = self.tower_features(pixel_values)  # (N, P, C)
+        return self.projector(tower_features.to(self.projector_dtype))
 
     def tower_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The tower's features; a frozen tower runs in inference mode (no autograd records,
@@ -348,6 +355,8 @@ class LlavaForCausalLM(PreTrainedModel):
         pixel_values: torch.Tensor | None = None,
         num_images: int | torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        media_kinds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token embeddings with each image's features written over its placeholder run.
 
@@ -356,58 +365,78 @@ class LlavaForCausalLM(PreTrainedModel):
         `num_images` says how many images of pixel_values are real when a static-shape batch
         pads them with blank ones after the real (None: all are real); masked_scatter takes the
         features in order, so the blank ones are never written. With anyres, pixel_values are
-        every image's base and tiles and `image_sizes` (N, 2) each image's (height, width).
+        every medium's views (an image's base and tiles, a whole image, a video's frames),
+        `image_sizes` (N, 2) each medium's (height, width) and `media_kinds` (N,) how each is
+        seen (llava.data.media: TILED, WHOLE, VIDEO; None: all tiled).
+        `image_features` (N, P, C), the tower's selected features read from a feature cache
+        (llava.data.feature_cache), take the place of pixel_values: only the projector runs.
         """
+        if image_features is not None and pixel_values is not None:
+            raise ValueError("give pixel_values or (cached) image_features, not both")
+        images = pixel_values if image_features is None else image_features
         image_mask = input_ids == IMAGE_PLACEHOLDER_ID  # (B, T)
         embed_tokens = self.get_input_embeddings()
         embeds = embed_tokens(input_ids.masked_fill(image_mask, 0))  # (B, T, D)
-        if pixel_values is None or pixel_values.shape[0] == 0:
+        if images is None or images.shape[0] == 0:
             self.check_image_tokens(image_mask, 0, self.num_image_tokens)
             if torch.is_grad_enabled() and self.training:
-                embeds = embeds + 0.0 * self.image_path_dummy_output(embeds)
+                embeds = embeds + 0.0 * self.image_path_dummy_output(embeds, image_features)
             return embeds
         if self.anyres is not None:
-            image_features = self.encode_anyres_images(pixel_values, image_sizes)  # (M, D)
-            self.check_image_tokens(image_mask, image_features.shape[0], None)
+            if image_features is not None:
+                raise ValueError("cached image_features cannot serve anyres images")
+            projected = self.encode_anyres_images(pixel_values, image_sizes, media_kinds)
+            self.check_image_tokens(image_mask, projected.shape[0], None)
         else:
-            image_features = self.encode_images(pixel_values)  # (N, P, D)
-            real = image_features.shape[0] if num_images is None else num_images
-            self.check_image_tokens(image_mask, real, image_features.shape[1])
-        return embeds.masked_scatter(image_mask.unsqueeze(-1), image_features.to(embeds.dtype))
+            projected = self.encode_images(pixel_values, image_features)  # (N, P, D)
+            real = projected.shape[0] if num_images is None else num_images
+            self.check_image_tokens(image_mask, real, projected.shape[1])
+        return embeds.masked_scatter(image_mask.unsqueeze(-1), projected.to(embeds.dtype))
 
     def encode_anyres_images(
-        self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor | None,
+        media_kinds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Every image's base and tiles (tiles, 3, H, W) -> (M, D): each image's tokens as its
-        layout packs them (llava.model.anyres), images in order."""
+        """Every medium's views (views, 3, H, W) -> (M, D): each medium's tokens as its kind and
+        layout pack them (llava.model.anyres), media in order."""
         if image_sizes is None:
             raise ValueError("anyres pixel_values need image_sizes, each image's (height, width)")
         sizes = [(width, height) for height, width in image_sizes.tolist()]
-        layouts = [self.anyres.layout(size) for size in sizes]
-        counts = [1 + layout.tiles[0] * layout.tiles[1] for layout in layouts]
+        kinds = [TILED] * len(sizes) if media_kinds is None else media_kinds.tolist()
+        counts = [self.anyres.medium_views(kind, size) for kind, size in zip(kinds, sizes)]
         if sum(counts) != pixel_values.shape[0]:
             raise ValueError(
-                f"anyres pixel_values hold {pixel_values.shape[0]} tiles; the images' sizes "
-                f"{sizes} make {sum(counts)}"
+                f"anyres pixel_values hold {pixel_values.shape[0]} views; the media's kinds "
+                f"{kinds} and sizes {sizes} make {sum(counts)}"
             )
-        features = self.encode_images(pixel_values)  # (tiles, P, D)
+        features = self.encode_images(pixel_values)  # (views, P, D)
         newline = getattr(self.projector, ANYRES_NEWLINE, None)
         packed = [
-            pack_image_features(chunk, self.anyres, size, newline)
-            for chunk, size in zip(features.split(counts), sizes)
+            pack_medium(chunk, kind, self.anyres, size, newline)
+            for chunk, kind, size in zip(features.split(counts), kinds, sizes)
         ]
         return torch.cat(packed)
 
-    def image_path_dummy_output(self, like: torch.Tensor) -> torch.Tensor:
+    def image_path_dummy_output(
+        self, like: torch.Tensor, cached: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """A scalar that depends on the whole image path: one blank image through tower and projector.
 
         Multiplied by zero and added to text-only batches, so every rank runs the same modules
         whatever its batch holds: ZeRO-3 gathers each module's partitioned weights collectively
         (a rank that skipped the tower would hang the others), and DDP and DeepSpeed expect a
-        gradient for every trainable parameter (the projector) on every rank.
+        gradient for every trainable parameter (the projector) on every rank. Where the batches
+        bring `cached` tower features (an empty (0, P, C) here), no rank runs the tower: blank
+        features go through the projector alone.
         """
-        blank = self.vision_tower.blank_pixel_values(like.device)  # (1, 3, H, W)
-        output = self.encode_images(blank).sum()
+        if cached is not None:
+            blank = like.new_zeros((1, *cached.shape[1:]))  # (1, P, C)
+            output = self.encode_images(None, blank).sum()
+        else:
+            blank = self.vision_tower.blank_pixel_values(like.device)  # (1, 3, H, W)
+            output = self.encode_images(blank).sum()
         newline = getattr(self.projector, ANYRES_NEWLINE, None)
         if newline is not None:  # anyres's row ends are trained beside the projector
             output = output + newline.sum()
@@ -427,11 +456,16 @@ class LlavaForCausalLM(PreTrainedModel):
         num_items_in_batch: int | torch.Tensor | None = None,
         num_images: torch.Tensor | int | None = None,
         image_sizes: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        media_kinds: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
-        """With labels: loss on supervised positions only (no logits). Without: the LM's output."""
+        """With labels: loss on supervised positions only (no logits). Without: the LM's output.
+        `image_features`: cached tower features in place of pixel_values (see embed_inputs)."""
         if inputs_embeds is None:
-            inputs_embeds = self.embed_inputs(input_ids, pixel_values, num_images, image_sizes)
+            inputs_embeds = self.embed_inputs(
+                input_ids, pixel_values, num_images, image_sizes, image_features, media_kinds
+            )
         if labels is None:
             return self.language_model(
                 inputs_embeds=inputs_embeds,
@@ -465,10 +499,13 @@ class LlavaForCausalLM(PreTrainedModel):
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
+        media_kinds: torch.Tensor | None = None,
         **generate_kwargs: Any,
     ) -> torch.Tensor:
         """Generate from a prompt with images; returns only the new tokens (B, new)."""
-        inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_sizes=image_sizes)
+        inputs_embeds = self.embed_inputs(
+            input_ids, pixel_values, image_sizes=image_sizes, media_kinds=media_kinds
+        )
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         return self.language_model.generate(

@@ -108,6 +108,20 @@ class ModelArguments:
             "(height, width) pixels, [(336, 672), (672, 336), (672, 672)]."
         },
     )
+    video_frames: int | None = field(
+        default=None,
+        metadata={
+            "help": "With --image_aspect_ratio anyres or anyres_max_N: the model takes videos "
+            "(a record's `video` field, a <video> tag), this many frames sampled uniformly."
+        },
+    )
+    video_pool_stride: int = field(
+        default=2,
+        metadata={
+            "help": "With --video_frames: each frame's patch grid shrunk by this factor "
+            "(bilinear, OneVision's 2); 1 keeps every patch."
+        },
+    )
 
     def __post_init__(self):
         if self.version is not None:

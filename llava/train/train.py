@@ -97,11 +97,17 @@ def anyres_settings(model_args: ModelArguments, data_args: DataArguments | None)
     """build_llava_model's AnyRes arguments when --image_aspect_ratio asks for anyres."""
     aspect = getattr(data_args, "image_aspect_ratio", None)
     if not is_anyres(aspect):
+        if model_args.video_frames:
+            raise ValueError(
+                "--video_frames: videos train with --image_aspect_ratio anyres or anyres_max_N"
+            )
         return {}
     return {
         "image_aspect_ratio": aspect,
         "image_grid_pinpoints": model_args.image_grid_pinpoints,
         "mm_patch_merge_type": model_args.mm_patch_merge_type,
+        "video_frames": model_args.video_frames,
+        "video_pool_stride": model_args.video_pool_stride,
     }
 
 

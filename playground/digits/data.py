@@ -6,8 +6,11 @@
 Files written under --out:
     images/train/NNNN.png, images/test/NNNN.png   the 8x8 scans upscaled (NNNN: sklearn index)
     pretrain.json            stage 1: one caption per training image ("a handwritten seven")
-    finetune.json            stage 2: 1-3 question turns per training image, and text-only rows
-    test_questions.jsonl     {question_id, image, text}: every question type on every test image
+    finetune.json            stage 2: 1-3 question turns per training image, a question about
+                             each training image beside another, and text-only rows (among
+                             them comparisons of two named digits)
+    test_questions.jsonl     {question_id, image, text}: every question type on every test image,
+                             and the two-image question on each test image beside another
     test_annotations.jsonl   {question_id, image, category, answer, digit} for llava.eval.scores
 """
 
@@ -40,6 +43,13 @@ TEXT_QUESTIONS: dict[str, str] = {
     "plus_one": "What is {word} plus one?",
 }
 TEXT_ONLY_FRACTION = 0.05
+# The question about two images: the answer reads both digits, then compares them ("seven and
+# three, so yes"), and scores only when all three parts are right.
+PAIR_CATEGORY = "compare"
+PAIR_QUESTION = "Is the first digit larger than the second?"
+# Text-only comparisons of two named digits, answered the same way: the verdict from the words.
+TEXT_COMPARE_QUESTION = "Is {first} larger than {second}?"
+TEXT_COMPARE_ROWS = 1000
 
 
 @dataclass(frozen=True)
@@ -57,6 +67,11 @@ def caption(digit: int) -> str:
 
 def answer(category: str, digit: int) -> str:
     return QUESTIONS[category][1](digit)
+
+
+def compare(first: int, second: int) -> str:
+    verdict = "yes" if first > second else "no"
+    return f"{NUMBER_WORDS[first]} and {NUMBER_WORDS[second]}, so {verdict}"
 
 
 def scan_to_png(pixels: np.ndarray, size: int) -> Image.Image:
@@ -112,6 +127,26 @@ def chat_record(scan: Scan, rng: random.Random) -> dict[str, Any]:
     return {"id": f"chat-{scan.index:04d}", "image": scan.image, "conversations": conversation}
 
 
+def pairs_of(scans: list[Scan], rng: random.Random) -> list[tuple[Scan, Scan]]:
+    """Each scan first once, beside the next scan of a shuffled order (never itself)."""
+    order = list(scans)
+    rng.shuffle(order)
+    return [(order[k], order[(k + 1) % len(order)]) for k in range(len(order))]
+
+
+def pair_record(first: Scan, second: Scan) -> dict[str, Any]:
+    """Stage 2: two images, one question about both."""
+    conversation = [
+        turn("human", f"<image>\n<image>\n{PAIR_QUESTION}"),
+        turn("gpt", compare(first.digit, second.digit)),
+    ]
+    return {
+        "id": f"pair-{first.index:04d}-{second.index:04d}",
+        "image": [first.image, second.image],
+        "conversations": conversation,
+    }
+
+
 def text_only_record(number: int, rng: random.Random) -> dict[str, Any]:
     digit = rng.randrange(10)
     category = rng.choice(list(TEXT_QUESTIONS))
@@ -120,8 +155,21 @@ def text_only_record(number: int, rng: random.Random) -> dict[str, Any]:
     return {"id": f"text-{number:04d}", "conversations": conversation}
 
 
-def test_rows(scans: list[Scan]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(questions, annotations): every question type about every test image."""
+def text_compare_record(number: int, rng: random.Random) -> dict[str, Any]:
+    first, second = rng.randrange(10), rng.randrange(10)
+    words = {"first": NUMBER_WORDS[first], "second": NUMBER_WORDS[second]}
+    conversation = [
+        turn("human", TEXT_COMPARE_QUESTION.format(**words)),
+        turn("gpt", compare(first, second)),
+    ]
+    return {"id": f"text-compare-{number:04d}", "conversations": conversation}
+
+
+def test_rows(
+    scans: list[Scan], pairs: list[tuple[Scan, Scan]]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(questions, annotations): every question type about every test image, then the two-image
+    question about each of `pairs`."""
     questions, annotations = [], []
     for scan in scans:
         for category, (question, _) in QUESTIONS.items():
@@ -136,14 +184,33 @@ def test_rows(scans: list[Scan]) -> tuple[list[dict[str, Any]], list[dict[str, A
                     "digit": scan.digit,
                 }
             )
+    for first, second in pairs:
+        question_id = f"{first.index:04d}-{second.index:04d}-{PAIR_CATEGORY}"
+        images = [first.image, second.image]
+        questions.append({"question_id": question_id, "image": images, "text": PAIR_QUESTION})
+        annotations.append(
+            {
+                "question_id": question_id,
+                "image": images,
+                "category": PAIR_CATEGORY,
+                "answer": compare(first.digit, second.digit),
+                "digits": [first.digit, second.digit],
+            }
+        )
     return questions, annotations
 
 
 def demo_sentences() -> list[str]:
     """Every piece of text the dataset can contain, for training the demo's tokenizer."""
-    lines = [CAPTION_PROMPT] + [question for question, _ in QUESTIONS.values()]
+    lines = [CAPTION_PROMPT, PAIR_QUESTION]
+    lines += [question for question, _ in QUESTIONS.values()]
     for digit in range(10):
         lines.append(caption(digit))
+        lines += [compare(digit, other) for other in range(10)]
+        lines += [
+            TEXT_COMPARE_QUESTION.format(first=NUMBER_WORDS[digit], second=NUMBER_WORDS[other])
+            for other in range(10)
+        ]
         lines += [answer(category, digit) for category in QUESTIONS]
         lines += [q.format(word=NUMBER_WORDS[digit]) for q in TEXT_QUESTIONS.values()]
     return lines
@@ -181,8 +248,11 @@ def write_dataset(
     finetune = [chat_record(scan, rng) for scan in train_scans]
     num_text_only = max(1, round(TEXT_ONLY_FRACTION * len(finetune)))
     finetune += [text_only_record(number, rng) for number in range(num_text_only)]
+    finetune += [pair_record(*pair) for pair in pairs_of(train_scans, rng)]
+    num_compare = min(TEXT_COMPARE_ROWS, len(train_scans))
+    finetune += [text_compare_record(number, rng) for number in range(num_compare)]
     rng.shuffle(finetune)
-    questions, annotations = test_rows(test_scans)
+    questions, annotations = test_rows(test_scans, pairs_of(test_scans, random.Random(seed + 1)))
 
     write_json(os.path.join(out, "pretrain.json"), pretrain)
     write_json(os.path.join(out, "finetune.json"), finetune)

@@ -65,6 +65,20 @@ def joined_rows(answers_file: str, annotation_file: str) -> list[dict[str, Any]]
     return rows
 
 
+def side_by_side(image_folder: str, images: str | list[str]) -> Image.Image:
+    """A question's image, or its images left to right (greyscale)."""
+    opened = [
+        Image.open(os.path.join(image_folder, image)).convert("L")
+        for image in ([images] if isinstance(images, str) else images)
+    ]
+    canvas = Image.new("L", (sum(i.width for i in opened), max(i.height for i in opened)), 255)
+    left = 0
+    for image in opened:
+        canvas.paste(image, (left, 0))
+        left += image.width
+    return canvas
+
+
 def plot_examples(
     rows: list[dict[str, Any]], image_folder: str, path: str, columns: int = 6
 ) -> None:
@@ -75,8 +89,7 @@ def plot_examples(
     for axis in figure.axes:
         axis.axis("off")
     for axis, row in zip(figure.axes, rows):
-        image = Image.open(os.path.join(image_folder, row["image"]))
-        axis.imshow(image, cmap="gray", vmin=0, vmax=255)
+        axis.imshow(side_by_side(image_folder, row["image"]), cmap="gray", vmin=0, vmax=255)
         colour = "darkgreen" if row["correct"] else "red"
         title = f"{row['question']}\nmodel: {row['model']}\ntruth: {row['answer']}"
         axis.set_title(title, fontsize=8, color=colour)
