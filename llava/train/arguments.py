@@ -175,6 +175,15 @@ class DataArguments:
         },
     )
 
+    vision_feature_cache: str | None = field(
+        default=None,
+        metadata={
+            "help": "A folder written by python -m llava.data.cache_features: the frozen "
+            "tower's features are read from it instead of decoding images and running the "
+            "tower (checked against the tower and preprocessing at start)."
+        },
+    )
+
     def __post_init__(self):
         if not is_anyres(self.image_aspect_ratio):
             check_choice("image_aspect_ratio", self.image_aspect_ratio, ASPECT_CHOICES)

@@ -202,27 +202,55 @@ def build_data(model, tokenizer, model_args, data_args, args, processor=None):
             "num_image_tokens": model.num_image_tokens,
             "anyres": model.anyres,
         }
-    dataset, collator = build_supervised_data(
-        tokenizer=tokenizer,
-        data_args=data_args,
-        version=template_of(model_args, processor),
-        model_max_length=args.model_max_length,
-        mm_use_im_start_end=model_args.mm_use_im_start_end,
-        skip_log_dir=args.output_dir if data_args.skip_bad_records else None,
-        **image_inputs,
-    )
+    cache = data_args.vision_feature_cache
+    if cache:
+        dataset, collator = cached_data(model, tokenizer, model_args, data_args, args, processor)
+    else:
+        dataset, collator = build_supervised_data(
+            tokenizer=tokenizer,
+            data_args=data_args,
+            version=template_of(model_args, processor),
+            model_max_length=args.model_max_length,
+            mm_use_im_start_end=model_args.mm_use_im_start_end,
+            skip_log_dir=args.output_dir if data_args.skip_bad_records else None,
+            **image_inputs,
+        )
     if processor is None:
         collator.static_shapes = static_shapes(dataset, model, args)
     if args.packing != "none":
         from llava.data.packing import PackingCollator
 
         collator = PackingCollator(collator.pad_token_id, flatten=args.packing == "flat")
+    if cache:
+        from llava.data.feature_cache import FeatureCollator
+
+        # batches image_features where pixels would go
+        collator = FeatureCollator(collator, tuple(dataset.cache.key["feature_shape"]))
     if not data_args.validation_split_percentage:
         return dataset, None, collator
     train_dataset, validation_dataset = split_for_validation(
         dataset, data_args.validation_split_percentage, args.data_seed or args.seed
     )
     return train_dataset, validation_dataset, collator
+
+
+def cached_data(model, tokenizer, model_args, data_args, args, processor):
+    """(dataset, collator) of --vision_feature_cache, checked against the model's tower."""
+    from llava.data.feature_cache import build_cached_data, refuse_unservable
+
+    refuse_unservable(
+        model_args.tune_vision_tower, data_args.image_aspect_ratio, processor is not None
+    )
+    return build_cached_data(
+        tokenizer,
+        template_of(model_args, processor),
+        args.model_max_length,
+        data_args,
+        model.vision_tower,
+        model.num_image_tokens,
+        mm_use_im_start_end=model_args.mm_use_im_start_end,
+        skip_log_dir=args.output_dir if data_args.skip_bad_records else None,
+    )
 
 
 def static_shapes(dataset, model: LlavaForCausalLM, args: TrainingArguments):
@@ -243,10 +271,13 @@ def static_shapes(dataset, model: LlavaForCausalLM, args: TrainingArguments):
         )
     batch_size = max(args.per_device_train_batch_size, args.per_device_eval_batch_size)
     height, width = model.vision_tower.image_size
+    image_shape = (3, height, width)
+    if getattr(dataset, "cache", None) is not None:  # cached features (P, C) fill the slots
+        image_shape = tuple(dataset.cache.key["feature_shape"])
     return StaticShapes(
         lengths=lengths,
         image_slots=batch_size * max(1, dataset.max_images_per_sample),
-        image_shape=(3, height, width),
+        image_shape=image_shape,
     )
 
 
