@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
 from transformers import AutoTokenizer, CLIPImageProcessor, LlavaForConditionalGeneration
 
-from llava.bench.assets import SELECT_LAYER, Assets, write_models
+from llava.bench.assets import SELECT_LAYER, Assets, write_anyres_models, write_models
 from llava.bench.baseline import HFLlavaCollator
 from llava.bench.configs import CONFIGS
 from llava.bench.synthetic import make_records, write_data, write_images
@@ -81,6 +82,69 @@ def test_both_systems_start_from_the_same_weights(assets):
     assert our_loss.item() == pytest.approx(their_loss.item(), rel=1e-5)
 
 
+@pytest.fixture(scope="module")
+def anyres_batches(assets):
+    """The same anyres records through our AnyResDataset and the baseline's LlavaNextProcessor."""
+    from transformers import LlavaNextProcessor
+
+    from llava.bench.anyres_bench import LlavaNextCollator
+
+    write_anyres_models(assets, TINY, seed=0)
+    config = replace(TINY, model_max_length=TINY.anyres_max_length)
+    count, image_tokens = 16, TINY.anyres_max_image_tokens
+    path = write_data(assets.folder, "anyres", count, config, seed=3, image_tokens=image_tokens)
+    dataset = load_supervised_dataset(
+        path, load_tokenizer(assets.llm), "v1", config.model_max_length,
+        image_processor=CLIPImageProcessor.from_pretrained(assets.clip),
+        image_folder=assets.images, image_aspect_ratio="anyres", anyres=TINY.anyres,
+    )  # fmt: skip
+    assert len(dataset) == count  # nothing dropped
+    processor = LlavaNextProcessor.from_pretrained(assets.hf_llava_next)
+    collator = LlavaNextCollator(processor, assets.images, config.model_max_length)
+    records = make_records("anyres", count, config, 3, image_tokens)
+    return [dataset[i] for i in range(count)], collator(records), processor
+
+
+def test_anyres_data_paths_give_the_same_tokens_labels_and_tiles(anyres_batches):
+    ours, theirs, processor = anyres_batches
+    image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    lengths, image = set(), 0
+    for row, sample in enumerate(ours):
+        n = len(sample["input_ids"])
+        ids = sample["input_ids"].masked_fill(
+            sample["input_ids"] == IMAGE_PLACEHOLDER_ID, image_token_id
+        )
+        assert torch.equal(theirs["input_ids"][row, :n], ids)
+        assert torch.equal(theirs["labels"][row, :n], sample["labels"])
+        assert theirs["attention_mask"][row].sum() == n
+        if sample["pixel_values"] is not None:
+            views = sample["pixel_values"].shape[0]
+            assert torch.equal(theirs["pixel_values"][image, :views], sample["pixel_values"])
+            assert torch.equal(theirs["image_sizes"][image], sample["image_sizes"][0])
+            image += 1
+            lengths.add(n)
+    assert image == theirs["pixel_values"].shape[0] and len(lengths) > 1
+
+
+def test_both_anyres_systems_start_from_the_same_weights(assets, anyres_batches):
+    from transformers import LlavaNextForConditionalGeneration
+
+    from llava.data.collator import SupervisedCollator
+
+    ours_samples, theirs, _ = anyres_batches
+    ours = build_llava_model(
+        assets.llm, assets.clip, mm_projector_type="mlp2x_gelu", mm_vision_select_layer=SELECT_LAYER,
+        image_aspect_ratio="anyres", image_grid_pinpoints=TINY.anyres_pinpoints,
+        mm_patch_merge_type="spatial_unpad",
+    ).eval()  # fmt: skip
+    load_projector(ours, assets.anyres_projector)
+    hf = LlavaNextForConditionalGeneration.from_pretrained(assets.hf_llava_next).eval()
+    with torch.no_grad():
+        our_loss = ours(**SupervisedCollator(pad_token_id=0)(ours_samples)).loss
+        their_loss = hf(**theirs).loss
+    assert our_loss.item() == pytest.approx(their_loss.item(), rel=1e-5)
+
+
 def bench(*args: str) -> str:
     result = subprocess.run(
         [sys.executable, "-m", "llava.bench", *args],
@@ -94,6 +158,11 @@ def test_bench_command_prints_both_systems():
     out = bench("--config", "tiny", "--stage", "pretrain", "--steps", "2", "--warmup", "0")
     assert "| pretrain | ours |" in out and "| pretrain | baseline |" in out
     assert "| pretrain | " in out.split("speedup")[1]
+
+
+def test_bench_anyres_stage_runs_both_systems():
+    out = bench("--config", "tiny", "--stage", "anyres", "--steps", "2", "--warmup", "0")
+    assert "| anyres | ours |" in out and "| anyres | baseline |" in out
 
 
 @pytest.mark.slow

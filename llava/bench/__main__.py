@@ -2,8 +2,10 @@
 
     python -m llava.bench --config small --stage all --steps 8 --warmup 2 --rounds 3
     python -m llava.bench --config small --stage vlm --steps 8 --warmup 2 --rounds 3
+    python -m llava.bench --config small --stage anyres --steps 8 --warmup 2 --rounds 3
 
-`--stage all` runs the LLaVA stages (pretrain, finetune, lora); `--stage vlm` (or one family:
+`--stage all` runs the LLaVA stages (pretrain, finetune, lora); `--stage anyres` a full stage 2
+on LLaVA-NeXT's tiles against transformers' LlavaNext + Trainer; `--stage vlm` (or one family:
 idefics3, qwen2_vl) fully fine-tunes a transformers image-text-to-text model and compares
 against TRL's SFTTrainer on it (llava/bench/trl_baseline.py; needs `pip install -e ".[bench]"`).
 
@@ -25,7 +27,15 @@ import tempfile
 import time
 from dataclasses import asdict
 
-from llava.bench.configs import CONFIGS, STAGES, VLM_GROUP, VLM_STAGES, BenchConfig, system_name
+from llava.bench.configs import (
+    ANYRES_STAGE,
+    CONFIGS,
+    STAGES,
+    VLM_GROUP,
+    VLM_STAGES,
+    BenchConfig,
+    system_name,
+)
 from llava.bench.runs import PACKINGS, OursOptions, RunResult
 
 RESULT_PREFIX = "BENCH-RESULT "
@@ -36,9 +46,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", choices=sorted(CONFIGS), default="small")
     parser.add_argument(
         "--stage",
-        choices=[*STAGES, "all", *VLM_STAGES, VLM_GROUP],
+        choices=[*STAGES, "all", ANYRES_STAGE, *VLM_STAGES, VLM_GROUP],
         default="all",
-        help=f"all: {', '.join(STAGES)}; {VLM_GROUP}: {', '.join(VLM_STAGES)} (against TRL)",
+        help=f"all: {', '.join(STAGES)}; {ANYRES_STAGE}: against LlavaNext; "
+        f"{VLM_GROUP}: {', '.join(VLM_STAGES)} (against TRL)",
     )
     parser.add_argument("--steps", type=int, default=8, help="measured optimizer steps")
     parser.add_argument("--warmup", type=int, default=2, help="steps before measuring")
@@ -112,7 +123,7 @@ def write_all_assets(workdir: str, config: BenchConfig, stages: list[str], args)
         from llava.bench.assets import write_assets
         from llava.bench.vlm_models import write_vlm_assets
 
-        llava_stages = [stage for stage in stages if stage in STAGES]
+        llava_stages = [stage for stage in stages if stage in (*STAGES, ANYRES_STAGE)]
         families = [stage for stage in stages if stage in VLM_STAGES]
         if llava_stages:
             write_assets(workdir, config, llava_stages, args.warmup, args.steps)

@@ -1,12 +1,13 @@
 """One set of random weights and data for both systems: an LM, a CLIP tower, a projector file,
-the same weights exported as a transformers Llava, the tokenizer, JPEGs and LLaVA JSON."""
+the same weights exported as a transformers Llava, the tokenizer, JPEGs and LLaVA JSON (and for
+the anyres stage, an AnyRes projector with its newline and the same as a LlavaNext)."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import (
@@ -16,12 +17,15 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     LlavaForConditionalGeneration,
+    LlavaNextForConditionalGeneration,
+    LlavaNextProcessor,
 )
 
-from llava.bench.configs import BenchConfig
+from llava.bench.configs import ANYRES_STAGE, BenchConfig
 from llava.bench.synthetic import build_tokenizer, write_data, write_images
-from llava.compat import save_tokenizer
+from llava.compat import save_processor, save_tokenizer
 from llava.constants import IMAGE_TOKEN
+from llava.data.anyres_data import anyres_image_processor
 from llava.model.builder import build_llava_model
 from llava.model.hf_llava import hf_llava_config, hf_llava_state_dict
 from llava.train.checkpoint import save_projector
@@ -54,6 +58,16 @@ class Assets:
     @property
     def hf_llava(self) -> str:
         return self.path("hf_llava")
+
+    @property
+    def anyres_projector(self) -> str:
+        """The anyres stage's projector: the same linears, and the spatial_unpad newline."""
+        return self.path("projector-anyres", "mm_projector.bin")
+
+    @property
+    def hf_llava_next(self) -> str:
+        """The anyres stage's weights as transformers' LlavaNext, with its LlavaNextProcessor."""
+        return self.path("hf_llava_next")
 
     @property
     def images(self) -> str:
@@ -151,18 +165,64 @@ def write_models(assets: Assets, config: BenchConfig, seed: int) -> None:
     clip_processor(config).save_pretrained(assets.hf_llava)
 
 
+def write_anyres_models(assets: Assets, config: BenchConfig, seed: int) -> None:
+    """The anyres stage's projector (over the LM and tower write_models wrote) and the same
+    weights as a LlavaNext folder with the processor export_hf would write."""
+    tokenizer = build_tokenizer(config.vocab_size)
+    torch.manual_seed(seed + 1)
+    ours = build_llava_model(
+        assets.llm,
+        assets.clip,
+        mm_projector_type=PROJECTOR_TYPE,
+        mm_vision_select_layer=SELECT_LAYER,
+        torch_dtype=getattr(torch, config.dtype),
+        image_aspect_ratio="anyres",
+        image_grid_pinpoints=config.anyres_pinpoints,
+        mm_patch_merge_type="spatial_unpad",
+    )
+    save_projector(ours, os.path.dirname(assets.anyres_projector), write=True)
+    hf_config = hf_llava_config(ours.config, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+    with construction(config):
+        hf_model = LlavaNextForConditionalGeneration(hf_config)
+    missing, unexpected = hf_model.load_state_dict(
+        hf_llava_state_dict(ours.state_dict()), strict=False
+    )
+    if missing or unexpected:
+        raise RuntimeError(f"weight mapping incomplete: {missing} {unexpected}")
+    hf_model.save_pretrained(assets.hf_llava_next)
+    geometry = ours.vision_tower.geometry
+    processor = LlavaNextProcessor(  # as llava.export_hf.hf_processor makes it
+        image_processor=anyres_image_processor(clip_processor(config), ours.anyres),
+        tokenizer=tokenizer,
+        patch_size=geometry.patch_size,
+        vision_feature_select_strategy=hf_config.vision_feature_select_strategy,
+        num_additional_image_tokens=int(geometry.has_cls_token),
+        image_token=IMAGE_TOKEN,
+    )
+    save_processor(processor, assets.hf_llava_next)
+
+
 def write_assets(
     folder: str, config: BenchConfig, stages: list[str], warmup: int, steps: int, seed: int = 0
 ) -> Assets:
-    """Models, images and each stage's warmup and measured records (batch_size per step)."""
+    """Models, images and each stage's warmup and measured records (batch_size per step).
+    The anyres stage's conversations have the finetune stage's text budget beside images of
+    up to its largest tile grid's tokens."""
     assets = Assets(folder)
     write_models(assets, config, seed)
+    if ANYRES_STAGE in stages:
+        write_anyres_models(assets, config, seed)
     write_images(assets.images, config, seed)
     for stage in stages:
+        stage_config, image_tokens = config, None
+        if stage == ANYRES_STAGE:
+            stage_config = replace(config, model_max_length=config.anyres_max_length)
+            image_tokens = config.anyres_max_image_tokens
         for part, count, data_seed in (
             ("warmup", warmup, seed + 10),
             ("measure", steps, seed + 20),
         ):
-            path = write_data(folder, stage, count * config.batch_size, config, data_seed)
+            count *= config.batch_size
+            path = write_data(folder, stage, count, stage_config, data_seed, image_tokens)
             os.replace(path, assets.data(stage, part))
     return assets

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llava.data.media import ImageGeometry
+from llava.data.media import AnyRes, ImageGeometry, anyres_of
 
 STAGES = ("pretrain", "finetune", "lora")
+# LLaVA-NeXT's AnyRes stage 2 (tiles, spatial_unpad) against transformers' LlavaNext + Trainer;
+# not part of `--stage all` (llava/bench/anyres_bench.py).
+ANYRES_STAGE = "anyres"
 # transformers image-text-to-text families, each a stage of its own: full fine-tuning of the
 # family's model against TRL's SFTTrainer (llava/bench/vlm_models.py, trl_baseline.py).
 VLM_STAGES = ("idefics3", "qwen2_vl")
@@ -51,12 +54,35 @@ class BenchConfig:
     caption_words: tuple[int, int] = (4, 40)
     max_turns: int = 8
     source_image_sizes: tuple[int, int] = (256, 640)  # side lengths of the JPEGs written
+    # the anyres stage: grids of the tower's tiles (LLaVA-NeXT's --image_grid_pinpoints)
+    anyres_pinpoints: str = "(1x1),...,(2x2)"
+
+    @property
+    def tile(self) -> ImageGeometry:
+        size = (self.image_size, self.image_size)
+        return ImageGeometry(size, self.patch_size, has_cls_token=True)
 
     @property
     def num_image_tokens(self) -> int:
         """A CLIP tower's patches (LLaVA-1.5 drops its CLS feature)."""
-        size = (self.image_size, self.image_size)
-        return ImageGeometry(size, self.patch_size, has_cls_token=True).num_image_tokens
+        return self.tile.num_image_tokens
+
+    @property
+    def anyres(self) -> AnyRes:
+        """The anyres stage's tiling: LLaVA-NeXT's, rows closed by a newline (spatial_unpad)."""
+        return anyres_of("anyres", self.anyres_pinpoints, "spatial_unpad", self.tile)
+
+    @property
+    def anyres_max_image_tokens(self) -> int:
+        """The most tokens an image takes in the anyres stage: one that fills the largest
+        pinpoint exactly (nothing unpadded)."""
+        return max(self.anyres.num_image_tokens((w, h)) for h, w in self.anyres.pinpoints)
+
+    @property
+    def anyres_max_length(self) -> int:
+        """The anyres stage's model_max_length: the finetune stage's text budget beside the
+        largest image."""
+        return self.model_max_length - self.num_image_tokens + self.anyres_max_image_tokens
 
 
 CONFIGS: dict[str, BenchConfig] = {

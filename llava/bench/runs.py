@@ -15,13 +15,13 @@ import torch
 from transformers import TrainerCallback
 
 from llava.bench.assets import SELECT_LAYER, Assets
-from llava.bench.configs import VLM_STAGES, BenchConfig
+from llava.bench.configs import ANYRES_STAGE, VLM_STAGES, BenchConfig
 from llava.train.arguments import PACKINGS
 from llava.train.throughput import ThroughputMeter
 
 # LLaVA-1.5's learning rates (speed does not depend on them; a constant schedule does not
 # change over the warm-up and measured runs). The image-text-to-text families fine-tune fully.
-LEARNING_RATES = {"pretrain": 1e-3, "finetune": 2e-5, "lora": 2e-4}
+LEARNING_RATES = {"pretrain": 1e-3, "finetune": 2e-5, "lora": 2e-4, ANYRES_STAGE: 2e-5}
 LEARNING_RATES.update({family: LEARNING_RATES["finetune"] for family in VLM_STAGES})
 LORA_DROPOUT = 0.05
 
@@ -200,6 +200,16 @@ def ours_flags(
     }
     if stage == "pretrain":
         flags["--tune_mm_mlp_adapter"] = "True"
+    if stage == ANYRES_STAGE:  # a full stage 2 on LLaVA-NeXT's tiles
+        flags.update(
+            {
+                "--pretrain_mm_mlp_adapter": assets.anyres_projector,
+                "--image_aspect_ratio": "anyres",
+                "--image_grid_pinpoints": config.anyres_pinpoints,
+                "--mm_patch_merge_type": "spatial_unpad",
+                "--model_max_length": str(config.anyres_max_length),
+            }
+        )
     if stage == "lora":
         flags.update(
             {
@@ -256,9 +266,10 @@ def build_ours(assets: Assets, config: BenchConfig, stage: str, options: OursOpt
 
     register_packed_attention()
     model_args, data_args, args = arguments("warmup", 1)
-    model, processor = entry.build_model(model_args, args)
+    model, processor = entry.build_model(model_args, args, data_args)
     if processor is None:
         tokenizer = load_tokenizer(model_args.model_name_or_path, args.model_max_length)
+        model.config.image_aspect_ratio = data_args.image_aspect_ratio
     else:
         entry.check_flags_for_processor_model(model_args, data_args, args)
         tokenizer = entry.processor_tokenizer(processor, args.model_max_length)
@@ -390,7 +401,12 @@ def build_baseline(assets: Assets, config: BenchConfig, stage: str):
 def run_baseline(
     assets: Assets, config: BenchConfig, stage: str, warmup: int, steps: int
 ) -> RunResult:
-    make_trainer, meter = build_baseline(assets, config, stage)
+    if stage == ANYRES_STAGE:
+        from llava.bench.anyres_bench import build_anyres_baseline
+
+        make_trainer, meter = build_anyres_baseline(assets, config)
+    else:
+        make_trainer, meter = build_baseline(assets, config, stage)
     trainer, seconds, peak, loss = timed_train(make_trainer, warmup, steps, config.device)
     return RunResult(
         "baseline", stage, seconds, steps, meter.totals(), peak / 2**20, loss, config.device,
@@ -408,7 +424,8 @@ def run(
     options: OursOptions,
 ) -> RunResult:
     """One measured run of `system` (ours | baseline) on the assets in `folder`; the baseline
-    of an image-text-to-text family (VLM_STAGES) is TRL's SFTTrainer."""
+    of an image-text-to-text family (VLM_STAGES) is TRL's SFTTrainer, the anyres stage's
+    transformers' LlavaNext (llava/bench/anyres_bench.py)."""
     assets = Assets(folder)
     torch.manual_seed(0)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
