@@ -1,5 +1,6 @@
 # Shared by the training scripts (sourced, not run). Sets the per-device defaults and defines
-# launch_training, which starts llava/train/train.py on NUM_GPUS processes per machine.
+# launch_training, which starts the training entry on NUM_GPUS processes per machine:
+# llava/train/train.py, or the module a script names in TRAINING_ENTRY (llava.train.dpo).
 #
 #   DEVICE      gpu (CUDA, or CPU where there is none; the default) or hpu (Intel Gaudi, through
 #               optimum-habana's DistributedRunner, bf16, lazy mode, scripts/gaudi_config.json)
@@ -108,6 +109,8 @@ torchrun_node_options() {
 launch_training() {
     local launcher=${LAUNCHER:-deepspeed}
     local port=${MASTER_PORT:-29500}
+    local entry=${TRAINING_ENTRY:-llava.train.train}
+    local entry_file=${entry//.//}.py
     local command
     local node_options=()
     if [ "$DEVICE" = hpu ]; then
@@ -119,26 +122,26 @@ launch_training() {
             export_hpu_zero3_environment
         fi
         command=(python -m llava.train.gaudi_launch --world_size "$NUM_GPUS" --use_deepspeed
-            --master_port "$port" -- llava/train/train.py
+            --master_port "$port" -- "$entry_file"
             --use_habana True --use_lazy_mode True --gaudi_config_name scripts/gaudi_config.json)
     else
         case "$launcher" in
             deepspeed)
                 deepspeed_node_options || return
                 command=(deepspeed "${node_options[@]}" --num_gpus "$NUM_GPUS"
-                    --master_port "$port" llava/train/train.py)
+                    --master_port "$port" "$entry_file")
                 ;;
             torchrun)
                 torchrun_node_options "$port" || return
                 command=(torchrun "${node_options[@]}" --nproc_per_node "$NUM_GPUS"
-                    --master_port "$port" llava/train/train.py)
+                    --master_port "$port" "$entry_file")
                 ;;
             python)
                 if [ "${NNODES:-1}" != 1 ]; then
                     echo "LAUNCHER=python starts one process; NNODES needs deepspeed or torchrun" >&2
                     return 2
                 fi
-                command=(python -m llava.train.train)
+                command=(python -m "$entry")
                 ;;
             *)
                 echo "LAUNCHER must be deepspeed, torchrun or python, not '$launcher'" >&2

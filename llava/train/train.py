@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -460,10 +461,16 @@ def list_skipped_records(args: TrainingArguments) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    run_entry(lambda: train(*parse_arguments(argv)))
+
+
+def run_entry(run: Callable[[], Any]) -> None:
+    """A training entry's process: logging set up, `run()`, a preemption's exit code, and the
+    process group left in step."""
     logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s: %(message)s", stream=sys.stdout)
     exit_code = 0
     try:
-        train(*parse_arguments(argv))
+        run()
     except Preempted as preempted:
         logger.warning("%s", preempted)
         exit_code = PREEMPTED_EXIT_CODE
