@@ -260,6 +260,25 @@ def test_other_ranks_wait_for_rank_0s_cache(data, tokenizer, processor, monkeypa
     assert not built and used == len(build(data, tokenizer, processor).lengths)
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_every_rank_waits_once_even_when_the_cache_is_already_there(
+    data, tokenizer, processor, monkeypatch, rank
+):
+    """A rank that finds rank 0's fresh cache before reaching the barrier still meets rank 0
+    there: skipping it left the two ranks' collectives out of step (a hang at the next one)."""
+    build(data, tokenizer, processor)
+    (path,) = caches(data)
+    key = json.loads(saved_meta(path))["key"]
+    barriers = []
+    monkeypatch.setattr(length_cache, "distributed_rank", lambda: (rank, 2))
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: barriers.append(rank))
+    cache = LengthCache({}, data[0])
+    cache.path, cache.key_text = path, key
+    built = []
+    built_once(cache, lambda: built.append(1), lambda cached: len(cached.lengths))
+    assert barriers == [rank] and not built
+
+
 def saved_meta(path: str) -> bytes:
     import numpy as np
 

@@ -377,23 +377,31 @@ def distributed_rank() -> tuple[int, int]:
 
 
 def built_once(cache: LengthCache, build: Callable[[], T], use: Callable[[CachedBuild], T]) -> T:
-    """`use(cached)` when the cache holds this key; else rank 0 runs `build()` (which saves the
-    cache) while the other ranks wait, and then use it; a rank that still finds no cache (no
-    shared disk, or rank 0 failed) builds on its own."""
-    cached = cache.load()
-    if cached is not None:
-        logger.warning("lengths from the cache %s", cache.path)
-        return use(cached)
+    """`use(cached)` when the cache holds this key, else `build()` (which saves the cache). With
+    several ranks every rank takes the same steps, whatever it finds: rank 0 uses or builds
+    while the others wait at one barrier, then they use the cache (a rank that still finds none,
+    having no shared disk or because rank 0 failed, builds on its own). A rank deciding alone
+    whether to wait could skip the barrier rank 0 waits in (the cache written in between) and
+    leave the group's collectives out of step."""
     rank, world_size = distributed_rank()
     if world_size == 1:
-        return build()
+        return cached_or_built(cache, build, use)
     import torch
 
     if rank == 0:
         try:
-            return build()
+            return cached_or_built(cache, build, use)
         finally:
             torch.distributed.barrier()  # the others wait for the cache, or for rank 0's failure
     torch.distributed.barrier()
+    return cached_or_built(cache, build, use)
+
+
+def cached_or_built(
+    cache: LengthCache, build: Callable[[], T], use: Callable[[CachedBuild], T]
+) -> T:
     cached = cache.load()
-    return use(cached) if cached is not None else build()
+    if cached is None:
+        return build()
+    logger.warning("lengths from the cache %s", cache.path)
+    return use(cached)
