@@ -50,7 +50,6 @@ from llava.train.resume import FINISHED, PUBLISH, publish_checkpoint
 from llava.train.run_folder import lock_output_dir, run_flags
 from llava.train.stages import TRAINS, StagePlan, trainable_table
 from llava.train.train import (
-    Preempted,
     barrier,
     compute_dtype,
     finish_model,
@@ -59,6 +58,7 @@ from llava.train.train import (
     run_entry,
     stage_plan_of,
     start_run,
+    train_with_preemption,
 )
 from llava.train.trainer import LlavaTrainer
 
@@ -349,13 +349,7 @@ def train_in_locked_folder(model_args, data_args, args, dpo_args):
         processing_class=tokenizer,
         callbacks=[preemption],
     )
-    preemption.install()
-    try:
-        trainer.train(resume_from_checkpoint=start.checkpoint)
-    finally:
-        preemption.uninstall()
-    if preemption.preempted_at is not None:
-        raise Preempted(preemption.resume_message(args.output_dir))
+    train_with_preemption(trainer, preemption, start.checkpoint, args.output_dir)
     if data_args.skip_bad_records:
         list_skipped_records(args)
     trainer.save_final(args.output_dir)

@@ -382,13 +382,7 @@ def train_in_locked_folder(model_args, data_args, args):
         processing_class=processor if processor is not None else tokenizer,
         callbacks=[preemption],
     )
-    preemption.install()
-    try:
-        trainer.train(resume_from_checkpoint=start.checkpoint)
-    finally:
-        preemption.uninstall()
-    if preemption.preempted_at is not None:
-        raise Preempted(preemption.resume_message(args.output_dir))
+    train_with_preemption(trainer, preemption, start.checkpoint, args.output_dir)
     if validation_dataset is not None and args.eval_strategy == "no":
         trainer.evaluate()
     if data_args.skip_bad_records:
@@ -462,6 +456,20 @@ def list_skipped_records(args: TrainingArguments) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     run_entry(lambda: train(*parse_arguments(argv)))
+
+
+def train_with_preemption(
+    trainer: Any, preemption: PreemptionCallback, checkpoint: str | None, output_dir: str
+) -> None:
+    """trainer.train() with the SIGTERM / SIGUSR1 handler installed; a preempted run (its
+    checkpoint written) raises Preempted."""
+    preemption.install()
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    finally:
+        preemption.uninstall()
+    if preemption.preempted_at is not None:
+        raise Preempted(preemption.resume_message(output_dir))
 
 
 def run_entry(run: Callable[[], Any]) -> None:
