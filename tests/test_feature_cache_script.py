@@ -1,4 +1,5 @@
-"""scripts/pretrain.sh with --vision_feature_cache under DeepSpeed (ZeRO-2, 2 CPU processes):
+"""scripts/pretrain.sh with --vision_feature_cache under DeepSpeed ZeRO-3 (2 CPU processes, the
+frozen tower's weights partitioned and never gathered: no rank runs it):
 the loss falls, and a resume from checkpoint-3 logs the same losses. (That the cache gives the
 uncached run's losses is checked in-process, in float32, by test_feature_cache.py.)"""
 
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 
 def run_pretrain(assets: dict[str, str], output_dir: str, *extra: str) -> dict[int, float]:
-    env = script_env(assets, "pretrain", output_dir)
+    env = {**script_env(assets, "pretrain", output_dir), "DEEPSPEED_CONFIG": "scripts/zero3.json"}
     run_script("pretrain.sh", env, *common_flags("pretrain"), *extra, log=output_dir + ".log")
     return logged_losses(output_dir)
 

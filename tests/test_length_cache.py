@@ -12,10 +12,13 @@ import pytest
 import torch
 from transformers import AutoTokenizer, CLIPImageProcessor
 
+import llava.data.dataset as dataset_module
 import llava.data.length_cache as length_cache
-from llava.data.dataset import load_supervised_dataset, split_for_validation
+from llava.data.dataset import SupervisedDataset, load_supervised_dataset, split_for_validation
+from llava.data.forked import ChildFailed, contiguous_shares, map_forked
 from llava.data.formats import BadRecordError, DataFileError, read_json_list
 from llava.data.length_cache import JsonRecords, LengthCache, built_once, scan_json_list
+from llava.data.skipped import SKIPPED_RECORDS, collect_skipped_records
 from llava.data.tokenize import ConversationTokenizer
 from tests.test_data_formats import llava_row, write_image, write_rows
 
@@ -303,3 +306,81 @@ def test_summary_line_stays_the_last_warning(data, tokenizer, processor, caplog)
         build(data, tokenizer, processor)
         build(data, tokenizer, processor)
     assert caplog.messages[-1].startswith(f"data {data[0]}: 14 records -> 13 samples")
+
+
+# -- the first build shared by forked children ------------------------------------------------------
+def test_forked_shares_run_at_once_and_come_back_in_order():
+    results = map_forked(lambda share: (os.getpid(), share * 2), [1, 2, 3])
+    assert [value for _, value in results] == [2, 4, 6]
+    pids = {pid for pid, _ in results}
+    assert len(pids) == 3 and os.getpid() not in pids
+    assert contiguous_shares(10, 3) == [range(0, 3), range(3, 6), range(6, 10)]
+    assert contiguous_shares(2, 5) == [range(0, 1), range(1, 2)]
+
+
+def test_an_error_in_a_forked_share_is_raised_with_its_traceback():
+    def work(share):
+        if share == 2:
+            raise ValueError("share two is broken")
+        return share
+
+    with pytest.raises(ChildFailed, match="(?s)1 of 3 children failed.*share two is broken"):
+        map_forked(work, [1, 2, 3])
+
+
+def mixed_rows() -> list:
+    """Good image and text records with bad ones of every kind spread over the file."""
+    long = " ".join(["word"] * 120)
+    rows = []
+    for i in range(60):
+        kind = i % 10
+        if kind == 3:
+            rows.append(llava_row(i, "missing.png"))  # the reader's: no such image
+        elif kind == 5:
+            rows.append([i])  # the reader's: not an object
+        elif kind == 6:
+            rows.append(llava_row(i, None, [("human", "BOOM?"), ("gpt", "No.")]))  # the template's
+        elif kind == 7:
+            rows.append(llava_row(i, None, [("human", "Hi?"), ("gpt", long)]))  # too long
+        elif kind == 8:
+            turns = [("human", "Hi?"), ("gpt", "Yes."), ("human", "More?"), ("gpt", long)]
+            rows.append(llava_row(i, None, turns))  # shortened
+        else:
+            rows.append(llava_row(i, "a.png" if i % 2 else None))
+    return rows
+
+
+def test_a_build_shared_by_forked_children_is_the_one_process_build(
+    tmp_path, tokenizer, processor, monkeypatch
+):
+    """The rows cut into shares tokenized in children give the same samples, summary, bad
+    records (in the same order, listed once, by the parent) and first error as one process."""
+    monkeypatch.setattr(dataset_module, "ENCODE_BLOCK", 4)
+    monkeypatch.setattr(dataset_module, "SHARE_BLOCKS", 2)
+    monkeypatch.setenv("LLAVA_LENGTH_CACHE", "0")
+    tokenizer.chat_template = FAILING_TEMPLATE
+    folder = tmp_path / "images"
+    folder.mkdir()
+    write_image(str(folder / "a.png"))
+    path = write_rows(str(tmp_path), mixed_rows())
+
+    def load(workers, **options):
+        return load_supervised_dataset(path, tokenizer, "auto", 96, processor, NUM_IMAGE_TOKENS,
+                                       str(folder), "pad", build_workers=workers, **options)  # fmt: skip
+
+    logs = {workers: str(tmp_path / f"out{workers}") for workers in (1, 3)}
+    one, shared = (load(w, skip_bad_records=True, skip_log_dir=logs[w]) for w in (1, 3))
+    assert SupervisedDataset.build_shares(shared.samples.store, (), 3) == 3
+    same_dataset(one, shared)
+    assert one.bad_records == shared.bad_records and len(one.bad_records) == 18
+    assert [index for index, _, _ in one.bad_records[:12]] == [
+        i for i in range(60) if i % 10 in (3, 5)
+    ]
+    assert one.summary.reasons == shared.summary.reasons
+    assert one.summary.dropped_too_long == shared.summary.dropped_too_long == 6
+    assert [collect_skipped_records(logs[w]) for w in (1, 3)] == [18, 18]
+    listed = [open(os.path.join(logs[w], SKIPPED_RECORDS)).read() for w in (1, 3)]
+    assert listed[0] == listed[1]
+    for workers in (1, 3):
+        with pytest.raises(BadRecordError, match=r"record 3 \(id r3\): image file"):
+            load(workers)

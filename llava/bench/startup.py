@@ -119,9 +119,14 @@ def peak_rss_mib() -> float:
 
 
 def cpu_seconds() -> float:
-    """This process's CPU time, its threads' included: steadier than wall time on a busy machine."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    """This process's CPU time, its threads' and its finished children's included (the forked
+    build workers): steadier than wall time on a busy machine."""
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(u.ru_utime + u.ru_stime for u in usage)
+
+
+def children_peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
 def rank_main(args: argparse.Namespace) -> None:
@@ -167,7 +172,7 @@ def rank_main(args: argparse.Namespace) -> None:
     imported, cpu_before = time.time() - started, cpu_seconds()
     dataset, _, collator = build_data(model, tokenizer, model_args, data_args, train_args)
     ready, build_cpu = time.time() - started, cpu_seconds() - cpu_before
-    ready_rss = peak_rss_mib()
+    ready_rss, build_children_rss = peak_rss_mib(), children_peak_rss_mib()
     sampler = build_train_sampler(
         dataset, BATCH_SIZE, world_size=args.world, group_by_modality_length=True, seed=42
     )
@@ -192,6 +197,7 @@ def rank_main(args: argparse.Namespace) -> None:
         "first_batch_s": round(first_batch, 2),
         "peak_rss_ready_mib": round(ready_rss),
         "peak_rss_mib": round(peak_rss_mib()),
+        "build_worker_peak_rss_mib": round(build_children_rss),
         "worker_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024),
         "batch_tokens": int(batch["input_ids"].numel()),
     }
@@ -239,7 +245,7 @@ def table(rows: list[tuple[str, dict]]) -> str:
         "peak_rss_ready_mib",
         "peak_rss_mib",
     ]
-    columns += ["worker_peak_rss_mib", "imported_s", "samples"]
+    columns += ["build_worker_peak_rss_mib", "worker_peak_rss_mib", "imported_s", "samples"]
     lines = ["| start | rank | " + " | ".join(columns) + " |"]
     lines.append("|" + "---|" * (len(columns) + 2))
     for name, result in rows:

@@ -3,7 +3,8 @@
 At construction every record is rendered and tokenized once (text only, fast) to learn its
 true length with image placeholders, whether truncation shortens or drops it, and whether any
 supervised token is left; nothing is kept but the record and its length (of a LLaVA .json
-file, only the row's number: the row is parsed again when loaded), and what was found is cached
+file or tar shards (llava.data.shards), only the row's number: the row is parsed again when
+loaded), and what was found is cached
 next to the data so that a second start, on any rank, tokenizes nothing (llava.data.length_cache).
 Images are decoded only in `__getitem__`. Bad records raise `BadRecordError` naming file, index and id. With
 `skip_bad_records`, those a cheap check finds (format, roles, tags against images, missing image
@@ -21,7 +22,7 @@ import math
 import os
 import random
 from array import array
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,7 @@ from torch.utils.data import Dataset
 
 from llava.conversation import ChatTemplate, get_template
 from llava.data.collator import SupervisedCollator, pad_token_id_of
+from llava.data.forked import available_cpus, contiguous_shares, map_forked
 from llava.data.formats import BadRecordError, Record, load_records
 from llava.data.images import (
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -50,6 +52,7 @@ from llava.data.length_cache import (
     tokenizer_fingerprint,
 )
 from llava.data.media import is_anyres
+from llava.data.shards import ShardRecords, ShardSet, is_shard_path
 from llava.data.skipped import DECODE, LOAD, SkipLog
 from llava.data.tokenize import (
     NO_SUPERVISION,
@@ -64,6 +67,14 @@ logger = logging.getLogger(__name__)
 
 IMAGE, TEXT = "image", "text"
 ENCODE_BLOCK = 512  # records tokenized per batched tokenizer call at construction
+SHARE_BLOCKS = 8  # RowRecords of fewer blocks per build worker are built in one process
+COUNTED = (
+    "shortened",
+    "dropped_too_long",
+    "dropped_no_supervision",
+    "image_samples",
+    "text_samples",
+)
 
 
 @dataclass
@@ -101,12 +112,29 @@ class DataSummary:
         )
 
 
+@dataclass
+class RowsFound:
+    """What building a share of RowRecords' rows found (see build_in_children)."""
+
+    rows: np.ndarray
+    lengths: np.ndarray
+    num_images: np.ndarray
+    counts: dict[str, int]
+    reader_bad: list[tuple[int, str, Any]]
+    other_bad: list[tuple[int, str, Any]]
+
+
+# Record sources read row by row (a row parsed when its sample is loaded): a LLaVA .json list,
+# tar shards (llava.data.shards).
+RowRecords = JsonRecords | ShardRecords
+
+
 class Samples(Sequence):
     """(record, number of its images kept) per sample, held compactly: the records stay in
-    their source (a list, or a JsonRecords file read row by row when a sample is loaded)."""
+    their source (a list, or RowRecords read row by row when a sample is loaded)."""
 
-    def __init__(self, source: Sequence[Record] | JsonRecords):
-        self.store = source if isinstance(source, JsonRecords) else None
+    def __init__(self, source: Sequence[Record] | RowRecords):
+        self.store = source if isinstance(source, (JsonRecords, ShardRecords)) else None
         self.keys: Any = array("q") if self.store is not None else []  # rows, or the records
         self.num_images = array("h")
 
@@ -134,12 +162,13 @@ class SupervisedDataset(Dataset):
 
     `lengths` (tokens, image placeholders included) and `modalities` ("image" / "text") are
     known without decoding any image; the grouped samplers read them. `records` is a list, or
-    a JsonRecords file whose rows are parsed as they are needed (then samples keep only rows).
+    RowRecords (a JSON file, tar shards) whose rows are parsed as they are needed (then samples
+    keep only rows).
     """
 
     def __init__(
         self,
-        records: Sequence[Record] | JsonRecords,
+        records: Sequence[Record] | RowRecords,
         tokenizer: Any,
         template: ChatTemplate | str,
         model_max_length: int,
@@ -154,12 +183,15 @@ class SupervisedDataset(Dataset):
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         conversation_tokenizer: ConversationTokenizer | None = None,
         cached: CachedBuild | None = None,
+        build_workers: int = 1,
     ):
         """`skipped`: bad records the reader already skipped (counted and listed here);
         `skip_log_dir`: where skipped records are listed (the run's output_dir);
         `conversation_tokenizer`: one built elsewhere (a processor's, see processor_media);
         `cached`: what an earlier build of the same records found (llava.data.length_cache):
-        nothing is tokenized, the same samples, summary and bad records come back."""
+        nothing is tokenized, the same samples, summary and bad records come back;
+        `build_workers`: processes that share the tokenizing of large RowRecords (forked
+        children, each a contiguous share of its rows; the result is the one-process build's)."""
         check_aspect_ratio(image_aspect_ratio)
         self.conversation_tokenizer = conversation_tokenizer or ConversationTokenizer(
             tokenizer, template, num_image_tokens, mm_use_im_start_end
@@ -177,7 +209,10 @@ class SupervisedDataset(Dataset):
         self.modalities: list[str] = []
         self.bad_records: list[tuple[int, str, Any]] = []  # (index, reason, id), as reported
         self.deferred: list[BadRecordError] | None = None
-        if cached is None:
+        shares = self.build_shares(records, skipped, build_workers)
+        if cached is None and shares > 1:
+            self.build_in_children(records, shares)
+        elif cached is None:
             self.build(records, skipped)
         else:
             self.replay(cached)
@@ -218,6 +253,54 @@ class SupervisedDataset(Dataset):
         if block:
             yield block
 
+    @staticmethod
+    def build_shares(records: Any, skipped: Sequence, workers: int) -> int:
+        """How many processes build `records`: one but for large RowRecords."""
+        if not isinstance(records, (JsonRecords, ShardRecords)) or skipped:
+            return 1
+        return max(1, min(workers, len(records) // (SHARE_BLOCKS * ENCODE_BLOCK)))
+
+    def build_in_children(self, records: RowRecords, shares: int) -> None:
+        """Build as `build` does, the rows cut into `shares` contiguous shares, each tokenized in
+        a forked child; the children's findings are joined in row order and replayed here, bad
+        records in the order one process reports them (the reader's, then the others)."""
+        found = map_forked(
+            self.found_in_rows,
+            [(records, rows) for rows in contiguous_shares(len(records), shares)],
+        )
+        self.replay(
+            CachedBuild(
+                rows=np.concatenate([share.rows for share in found]),
+                lengths=np.concatenate([share.lengths for share in found]),
+                num_images=np.concatenate([share.num_images for share in found]),
+                starts=records.starts,
+                ends=records.ends,
+                columns=records.columns,
+                base_folder=records.base_folder,
+                counts={name: sum(share.counts[name] for share in found) for name in COUNTED},
+                bad=[item for share in found for item in share.reader_bad]
+                + [item for share in found for item in share.other_bad],
+            )
+        )
+
+    def found_in_rows(self, work: tuple[RowRecords, range]) -> RowsFound:
+        """In a forked child (this object is its own copy): build the given rows, every bad
+        record kept (none raised, none listed: the parent does both)."""
+        records, rows = work
+        self.skip_bad_records, self.skip_log = True, SkipLog(None)
+        reader_bad: list[BadRecordError] = []
+        self.deferred = []
+        for block in self.blocks((records.item(row) for row in rows), reader_bad):
+            self.add_block(block)
+        return RowsFound(
+            rows=np.asarray(self.samples.keys, dtype=np.int64),
+            lengths=np.asarray(self.lengths, dtype=np.int32),
+            num_images=np.asarray(self.samples.num_images, dtype=np.int16),
+            counts={name: getattr(self.summary, name) for name in COUNTED},
+            reader_bad=[(e.index, e.reason, e.record_id) for e in reader_bad],
+            other_bad=[(e.index, e.reason, e.record_id) for e in self.deferred],
+        )
+
     def replay(self, cached: CachedBuild) -> None:
         """Samples, lengths, summary and bad records as the build that made `cached` found them."""
         self.samples.keys = array("q", cached.rows.astype(np.int64).tobytes())
@@ -230,10 +313,8 @@ class SupervisedDataset(Dataset):
             self.bad(BadRecordError(self.summary.source, index, reason, record_id))
 
     def cached_build(self) -> CachedBuild:
-        """What this build found, for llava.data.length_cache (a JsonRecords source's only)."""
+        """What this build found, for llava.data.length_cache (a RowRecords source's only)."""
         store = self.samples.store
-        names = ("shortened", "dropped_too_long", "dropped_no_supervision")
-        names += ("image_samples", "text_samples")
         return CachedBuild(
             rows=np.asarray(self.samples.keys, dtype=np.int64),
             lengths=np.asarray(self.lengths, dtype=np.int32),
@@ -242,7 +323,7 @@ class SupervisedDataset(Dataset):
             ends=store.ends,
             columns=store.columns,
             base_folder=store.base_folder,
-            counts={name: getattr(self.summary, name) for name in names},
+            counts={name: getattr(self.summary, name) for name in COUNTED},
             bad=list(self.bad_records),
         )
 
@@ -365,6 +446,42 @@ class SupervisedDataset(Dataset):
                 yield j
 
 
+@dataclass(frozen=True)
+class RowStore:
+    """A data path read row by row, as the length cache needs it: what identifies the data in
+    the cache key, the path the cache file is named after, how to read it (a scan), and how to
+    reopen it from a cached build (no scan)."""
+
+    identity: Any
+    cache_path: str
+    read: Callable[[], RowRecords]
+    reopen: Callable[[CachedBuild], RowRecords]
+
+
+def row_store(
+    data_path: str, image_folder: str | None, text_field: str | None, image_field: str | None
+) -> RowStore | None:
+    """The RowStore of tar shards or a LLaVA .json list; None for data read whole (JSONL, HF)."""
+    if is_shard_path(data_path):
+        shards = ShardSet.find(data_path)
+        return RowStore(
+            identity={"shards": list(shards.identity)},
+            cache_path=shards.cache_path,
+            read=lambda: ShardRecords.read(shards, text_field, image_field),
+            reopen=lambda cached: ShardRecords(shards, cached.starts, cached.ends, cached.columns),
+        )
+    if os.path.isfile(data_path) and data_path.endswith(".json"):
+        return RowStore(
+            identity=data_file_identity(data_path),
+            cache_path=data_path,
+            read=lambda: JsonRecords.read(data_path, image_folder, text_field, image_field),
+            reopen=lambda cached: JsonRecords(
+                data_path, cached.starts, cached.ends, cached.columns, cached.base_folder
+            ),
+        )
+    return None
+
+
 def load_supervised_dataset(
     data_path: str,
     tokenizer: Any,
@@ -381,6 +498,7 @@ def load_supervised_dataset(
     skip_log_dir: str | None = None,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     anyres: Any = None,
+    build_workers: int = 1,
 ) -> SupervisedDataset:
     """Read a data path (any supported format) into a SupervisedDataset.
 
@@ -388,10 +506,11 @@ def load_supervised_dataset(
     listed there (see llava.data.skipped). `max_image_pixels`: larger images are bad records.
     `anyres` (llava.data.media.AnyRes, the model's, with --image_aspect_ratio anyres): each
     image's tokens and tiles by its size (llava.data.anyres_data.AnyResDataset).
+    `build_workers`: forked processes that share the tokenizing of a large .json list.
 
-    A LLaVA .json list (without anyres) is read row by row and never held as records, and what
-    building found is cached next to it (llava.data.length_cache): a second start, on any rank,
-    tokenizes nothing.
+    A LLaVA .json list or tar shards (`shards/{000..099}.tar`, llava.data.shards), without
+    anyres, are read row by row and never held as records, and what building found is cached
+    next to them (llava.data.length_cache): a second start, on any rank, tokenizes nothing.
     """
     template = get_template(version)
     check_aspect_ratio(image_aspect_ratio)  # before any file is read
@@ -408,11 +527,14 @@ def load_supervised_dataset(
         skip_log_dir=skip_log_dir,
         max_image_pixels=max_image_pixels,
     )
-    if anyres is None and os.path.isfile(data_path) and data_path.endswith(".json"):
+    store = None
+    if anyres is None:
+        store = row_store(data_path, image_folder, dataset_text_field, dataset_image_field)
+    if store is not None:
         key = {
             "version": CACHE_VERSION,
             "dataset": SupervisedDataset.__qualname__,
-            "data": data_file_identity(data_path),
+            "data": store.identity,
             "reader": [
                 image_folder and os.path.abspath(image_folder),
                 dataset_text_field,
@@ -428,27 +550,21 @@ def load_supervised_dataset(
             ],  # fmt: skip
             "model_max_length": model_max_length,
         }
-        cache = LengthCache(key, data_path, skip_log_dir)
+        cache = LengthCache(key, store.cache_path, skip_log_dir)
 
         def build() -> SupervisedDataset:
-            records = JsonRecords.read(
-                data_path, image_folder, dataset_text_field, dataset_image_field
-            )
             dataset = SupervisedDataset(
-                records, tokenizer, template, model_max_length,
+                store.read(), tokenizer, template, model_max_length,
                 num_image_tokens=num_image_tokens, summary=DataSummary(source=data_path),
-                **options,
+                build_workers=build_workers, **options,
             )  # fmt: skip
             if LengthCache.enabled():
                 cache.save(dataset.cached_build())
             return dataset
 
         def use(cached: CachedBuild) -> SupervisedDataset:
-            records = JsonRecords(
-                data_path, cached.starts, cached.ends, cached.columns, cached.base_folder
-            )
             return SupervisedDataset(
-                records, tokenizer, template, model_max_length,
+                store.reopen(cached), tokenizer, template, model_max_length,
                 num_image_tokens=num_image_tokens, summary=DataSummary(source=data_path),
                 cached=cached, **options,
             )  # fmt: skip
@@ -540,6 +656,7 @@ def build_supervised_data(
         skip_log_dir=skip_log_dir,
         max_image_pixels=getattr(data_args, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS),
         anyres=anyres,
+        build_workers=getattr(data_args, "preprocessing_num_workers", None) or available_cpus(),
     )
     if len(dataset) == 0:
         raise ValueError(f"no trainable sample in {data_args.data_path}: {dataset.summary.line()}")

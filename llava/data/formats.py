@@ -1,4 +1,5 @@
-"""Readers for LLaVA JSON/JSONL, OpenAI-style messages and local Hugging Face datasets.
+"""Readers for LLaVA JSON/JSONL, OpenAI-style messages and local Hugging Face datasets (and,
+through llava.data.shards, webdataset-style tar shards).
 
 Every reader yields the same `Record`: turns with roles (system, user, assistant) whose text
 holds one `<image>` tag per image, and the record's images in tag order. Images stay
@@ -585,6 +586,10 @@ def iter_records(
     image_field: str | None = None,
 ) -> Iterator[Record | BadRecordError]:
     """Records of any supported format, bad ones as BadRecordError items (not raised)."""
+    from llava.data import shards  # imported here: shards builds on this module
+
+    if shards.is_shard_path(data_path):
+        return iter(shards.ShardRecords.read(data_path, text_field, image_field))
     if not os.path.exists(data_path):
         raise FileNotFoundError(f"--data_path {data_path!r} does not exist")
     if os.path.isfile(data_path) and data_path.endswith((".json", ".jsonl")):
@@ -592,7 +597,8 @@ def iter_records(
     if is_saved_dataset(data_path) or parquet_files(data_path):
         return hf_records(data_path, image_folder, text_field, image_field)
     raise DataFileError(
-        data_path, "expected a .json/.jsonl file, a save_to_disk folder, or parquet files"
+        data_path,
+        "expected a .json/.jsonl file, a save_to_disk folder, parquet files, or .tar shards",
     )
 
 

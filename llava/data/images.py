@@ -134,6 +134,8 @@ def describe(source: Any) -> str:
         return repr(source)
     if hasattr(source, "column"):
         return f"in column {source.column!r}"
+    if hasattr(source, "name") and hasattr(source, "path"):  # a tar shard's member
+        return f"{source.name!r} in {source.path}"
     return f"({type(source).__name__})"
 
 

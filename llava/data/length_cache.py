@@ -162,7 +162,27 @@ def scan_json_list(path: str, text_field: str | None) -> RowScan | None:
         return None
 
 
-class JsonRecords:
+class RowReader:
+    """Records read one row at a time: `item(row)` gives a Record or the reader's
+    BadRecordError; subclasses say how (JsonRecords here, llava.data.shards.ShardRecords)."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def item(self, row: int) -> Record | BadRecordError:
+        raise NotImplementedError
+
+    def record(self, row: int) -> Record:
+        item = self.item(row)
+        if isinstance(item, BadRecordError):
+            raise item
+        return item
+
+    def __iter__(self) -> Iterator[Record | BadRecordError]:
+        return (self.item(row) for row in range(len(self)))
+
+
+class JsonRecords(RowReader):
     """The rows of a LLaVA .json list as byte ranges; `record(row)` reads and parses one.
 
     Pickles without its open file (loader workers started by spawn reopen it)."""
@@ -219,15 +239,6 @@ class JsonRecords:
         """Row `row` as a Record, or the BadRecordError the reader gives it."""
         value = json.loads(self.raw(row))
         return json_row_record(value, row, self.columns, self.path, self.base_folder)
-
-    def record(self, row: int) -> Record:
-        item = self.item(row)
-        if isinstance(item, BadRecordError):
-            raise item
-        return item
-
-    def __iter__(self) -> Iterator[Record | BadRecordError]:
-        return (self.item(row) for row in range(len(self)))
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "fd": None, "fd_pid": None}

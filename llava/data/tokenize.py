@@ -115,9 +115,12 @@ class TextEncoder:
         return [encoding.ids for encoding in encode(texts, add_special_tokens=False)]
 
     def split_special(self, text: str) -> list[tuple[str, bool]]:
-        """(piece, is_special_token) pieces of a text, empty pieces dropped."""
-        pieces = self.special_pattern.split(text) if self.special_pattern else [text]
-        return [(piece, piece in self.special_ids) for piece in pieces if piece]
+        """(piece, is_special_token) pieces of a text, empty pieces dropped. The pattern's one
+        group puts each special token at an odd place of the split."""
+        if self.special_pattern is None:
+            return [(text, False)] if text else []
+        pieces = self.special_pattern.split(text)
+        return [(piece, k % 2 == 1) for k, piece in enumerate(pieces) if piece]
 
     def encode_behind_anchor(self, text: str) -> list[int]:
         for anchor, anchor_ids in self.anchor_ids.items():

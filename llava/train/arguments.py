@@ -137,7 +137,11 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     data_path: str | None = field(
-        default=None, metadata={"help": "LLaVA JSON/JSONL, messages JSONL, or a local HF dataset."}
+        default=None,
+        metadata={
+            "help": "LLaVA JSON/JSONL, messages JSONL, a local HF dataset, or webdataset-style "
+            "tar shards: 'shards/{000..099}.tar' (quoted; see finetuning_data/README.md)."
+        },
     )
     image_folder: str | None = field(default=None, metadata={"help": "Root of image paths."})
     image_aspect_ratio: str = field(
@@ -174,6 +178,13 @@ class DataArguments:
             "limit by default; 0: no limit)."
         },
     )
+    preprocessing_num_workers: int | None = field(
+        default=None,
+        metadata={
+            "help": "Processes that tokenize a large LLaVA .json at the first start (the "
+            "length cache serves later ones); default: every CPU this process may use."
+        },
+    )
 
     vision_feature_cache: str | None = field(
         default=None,
@@ -187,6 +198,10 @@ class DataArguments:
     def __post_init__(self):
         if not is_anyres(self.image_aspect_ratio):
             check_choice("image_aspect_ratio", self.image_aspect_ratio, ASPECT_CHOICES)
+        if self.preprocessing_num_workers is not None and self.preprocessing_num_workers < 1:
+            raise ValueError(
+                f"--preprocessing_num_workers must be 1 or more, not {self.preprocessing_num_workers}"
+            )
         if self.max_image_pixels < 0:
             raise ValueError(
                 f"--max_image_pixels must be 0 (no limit) or more, not {self.max_image_pixels}"
