@@ -4,15 +4,18 @@
 # on the language model by default (the reference is the model with its adapters disabled),
 # the whole language model with FULL=1 (the reference is a frozen copy). The projector stays
 # frozen. Sigmoid loss with beta 0.1 (--dpo_loss ipo|robust, --label_smoothing,
-# --reference_free override it).
+# --reference_free override it). A transformers image-text-to-text model (Qwen2-VL, Idefics3,
+# Gemma 3, ...) trains through its own processor and chat template: VERSION=auto MODEL_BASE=
+# (MODEL_BASE naming the VLM folder where MODEL_NAME_OR_PATH is a LoRA output of it).
 # Hardware: a 7B LoRA run fits 8x A100-40G at 8 pairs per GPU (global batch 64); RLHF-V's
 # 5.7K pairs take well under an hour there.
 # Environment: MODEL_NAME_OR_PATH (the stage-2 output: a full model, or a LoRA output with
 # MODEL_BASE naming its base LLM, as --model-base does for the eval commands), DATA_PATH,
-# IMAGE_FOLDER, OUTPUT_DIR, NUM_GPUS, DEEPSPEED_CONFIG, PER_DEVICE_BATCH, GRAD_ACCUM, FULL,
-# LAUNCHER (deepspeed, torchrun or python), MASTER_PORT, DRY_RUN=1 (print the command) and the
-# several-machine variables, as in scripts/launch.sh (DEVICE=gpu only). Arguments given to
-# this script are appended last and override the defaults below.
+# IMAGE_FOLDER, OUTPUT_DIR, VERSION (the chat template: v1, or auto), NUM_GPUS,
+# DEEPSPEED_CONFIG, PER_DEVICE_BATCH, GRAD_ACCUM, FULL, LAUNCHER (deepspeed, torchrun or
+# python), MASTER_PORT, DRY_RUN=1 (print the command) and the several-machine variables, as
+# in scripts/launch.sh (DEVICE=gpu only). Arguments given to this script are appended last and
+# override the defaults below.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/launch.sh
@@ -27,6 +30,7 @@ DEEPSPEED_CONFIG=${DEEPSPEED_CONFIG:-scripts/zero3.json}
 PER_DEVICE_BATCH=${PER_DEVICE_BATCH:-8}  # pairs: 8 GPUs x 8 = 64
 GRAD_ACCUM=${GRAD_ACCUM:-1}
 FULL=${FULL:-0}
+VERSION=${VERSION:-v1}
 
 if [ "$DEVICE" != gpu ]; then
     echo "scripts/dpo.sh runs with DEVICE=gpu (CUDA, or CPU where there is none)" >&2
@@ -49,7 +53,7 @@ arguments=(
     --deepspeed "$DEEPSPEED_CONFIG"
     --model_name_or_path "$MODEL_NAME_OR_PATH"
     "${optional_flags[@]}"
-    --version v1
+    --version "$VERSION"
     --data_path "$DATA_PATH"
     --image_folder "$IMAGE_FOLDER"
     --image_aspect_ratio pad

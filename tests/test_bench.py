@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from dataclasses import replace
@@ -14,6 +15,7 @@ from llava.bench.assets import SELECT_LAYER, Assets, write_anyres_models, write_
 from llava.bench.baseline import HFLlavaCollator
 from llava.bench.configs import CONFIGS
 from llava.bench.synthetic import make_records, write_data, write_images
+from llava.bench.trl_baseline import trl_installed
 from llava.constants import IMAGE_PLACEHOLDER_ID
 from llava.data.dataset import load_supervised_dataset
 from llava.model.builder import build_llava_model, load_tokenizer
@@ -163,6 +165,23 @@ def test_bench_command_prints_both_systems():
 def test_bench_anyres_stage_runs_both_systems():
     out = bench("--config", "tiny", "--stage", "anyres", "--steps", "2", "--warmup", "0")
     assert "| anyres | ours |" in out and "| anyres | baseline |" in out
+
+
+@pytest.mark.skipif(not trl_installed(), reason='TRL is not installed (".[bench]")')
+@pytest.mark.parametrize("model", ["lm", "vlm"])
+def test_dpo_bench_runs_both_systems_on_the_same_tokens_and_loss(model):
+    """Ours and TRL's DPOTrainer score the same tokens and start from the same loss."""
+    result = subprocess.run(
+        [sys.executable, "-m", "llava.bench.dpo_bench", "--config", "tiny", "--model", model,
+         "--steps", "1", "--warmup", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [row["system"] for row in rows] == ["ours", "trl"]
+    ours, trl = rows
+    assert ours["tokens"] == trl["tokens"] > 0
+    assert ours["mean_loss"] == pytest.approx(trl["mean_loss"], abs=2e-4)
 
 
 @pytest.mark.slow

@@ -230,9 +230,13 @@ class PreferenceDataset(Dataset):
         skipped: Sequence[BadRecordError] = (),
         skip_log_dir: str | None = None,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        conversation_tokenizer: ConversationTokenizer | None = None,
     ):
+        """`conversation_tokenizer`: one built elsewhere (a processor's, see
+        llava/data/processor_preference.py); by default the composed model's, from `tokenizer`,
+        `template`, `num_image_tokens` and `mm_use_im_start_end`."""
         check_aspect_ratio(image_aspect_ratio)
-        self.conversation_tokenizer = ConversationTokenizer(
+        self.conversation_tokenizer = conversation_tokenizer or ConversationTokenizer(
             tokenizer, template, num_image_tokens, mm_use_im_start_end
         )
         self.model_max_length = model_max_length
@@ -360,6 +364,20 @@ class PreferenceCollator:
         return SupervisedCollator(self.pad_token_id, self.padding_side)(rows)
 
 
+def read_pairs(data_args: Any) -> tuple[list[PreferenceRecord], list[BadRecordError]]:
+    """(the pairs, the bad ones skipped) of --data_path; without --skip_bad_records the first
+    bad pair is raised."""
+    records, skipped = [], []
+    for item in read_preference_records(data_args.data_path, data_args.image_folder):
+        if isinstance(item, BadRecordError):
+            if not getattr(data_args, "skip_bad_records", False):
+                raise item
+            skipped.append(item)
+        else:
+            records.append(item)
+    return records, skipped
+
+
 def build_preference_data(
     tokenizer: Any,
     image_processor: Any,
@@ -371,15 +389,7 @@ def build_preference_data(
     skip_log_dir: str | None = None,
 ) -> tuple[PreferenceDataset, PreferenceCollator]:
     """The DPO entry's one call: (dataset, collator) from the data flags."""
-    skip = getattr(data_args, "skip_bad_records", False)
-    records, skipped = [], []
-    for item in read_preference_records(data_args.data_path, data_args.image_folder):
-        if isinstance(item, BadRecordError):
-            if not skip:
-                raise item
-            skipped.append(item)
-        else:
-            records.append(item)
+    records, skipped = read_pairs(data_args)
     dataset = PreferenceDataset(
         records,
         tokenizer,
@@ -389,7 +399,7 @@ def build_preference_data(
         num_image_tokens=num_image_tokens,
         image_aspect_ratio=getattr(data_args, "image_aspect_ratio", "square"),
         mm_use_im_start_end=mm_use_im_start_end,
-        skip_bad_records=skip,
+        skip_bad_records=getattr(data_args, "skip_bad_records", False),
         summary=DataSummary(source=data_args.data_path),
         skipped=skipped,
         skip_log_dir=skip_log_dir,

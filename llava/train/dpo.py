@@ -3,19 +3,25 @@ trainer -> save.
 
 Runs as `python -m llava.train.dpo` (or `deepspeed llava/train/dpo.py`, see scripts/dpo.sh)
 with train.py's flags plus DPOArguments. --model_name_or_path names the stage-2 result: a full
-model, or a LoRA output with --model_base naming its base LLM (opened and merged by
-llava.model.builder.load_pretrained_model, as the eval commands' --model-base does).
+model, or a LoRA output with --model_base naming its base (opened and merged by
+llava.model.builder.load_pretrained_model, as the eval commands' --model-base does). That is
+the composed model, or a transformers image-text-to-text model (Qwen2-VL, Idefics3, Gemma 3,
+...) with its own processor and chat template (--version auto, or left out), whose pairs go
+through its processor (llava/data/processor_preference.py) and whose log-probabilities come
+from its own forward (llava/train/dpo_vlm.py). A llava-hf folder opens as the composed model,
+as it does for stage 2.
 
 The reference model is the frozen starting point:
 - with --lora_enable, the same model with its adapters disabled (peft's disable_adapter()), so
-  no second copy of the weights; the projector must then stay frozen (--freeze_mm_mlp_adapter
-  True), or the reference would move with it;
+  no second copy of the weights; the vision tower and projector (connector) must then stay
+  frozen (--freeze_mm_mlp_adapter True), or the reference would move with them;
 - in full fine-tuning, a frozen copy made before training (one more copy of the weights on
   each process; under ZeRO-3 it is not partitioned);
 - with --reference_free, none.
 Everything else (sampler, optimizer groups, checkpoints, resume, preemption, throughput logs)
-is stage 2's trainer (llava/train/trainer.py). Not implemented here: transformers'
-image-text-to-text models, AnyRes images, QLoRA (--bits 4/8), validation splits.
+is stage 2's trainer (llava/train/trainer.py). Not implemented here: AnyRes images for the
+composed model, prompt+suffix processors (PaliGemma, Fuyu), QLoRA (--bits 4/8), validation
+splits.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import transformers
 
 from llava.data.media import is_anyres
 from llava.data.preference import build_preference_data
+from llava.data.processor_preference import IMAGE_INPUTS, build_processor_preference_data
 from llava.model.builder import load_pretrained_model
 from llava.model.kinds import CONNECTOR, VISION, kind_of, unwrap_base
 from llava.model.llava import LlavaForCausalLM
@@ -51,13 +58,16 @@ from llava.train.run_folder import lock_output_dir, run_flags
 from llava.train.stages import TRAINS, StagePlan, trainable_table
 from llava.train.train import (
     barrier,
+    check_flags_for_processor_model,
     compute_dtype,
     finish_model,
     list_skipped_records,
     prepare_model,
+    processor_tokenizer,
     run_entry,
     stage_plan_of,
     start_run,
+    template_of,
     train_with_preemption,
 )
 from llava.train.trainer import LlavaTrainer
@@ -161,6 +171,9 @@ class DPOTrainer(LlavaTrainer):
         loss = result.losses.mean()
         if self.model.training:
             self.store_metrics(result, policy.detach(), pairs)
+            # a text-only batch still reaches trainable image parts (image-text-to-text kind)
+            images = inputs.get(IMAGE_INPUTS, inputs)
+            loss = self.model_kind.with_image_path(self.model, images, loss, self.image_path_inputs)
         return (loss, {"policy_log_probs": policy}) if return_outputs else loss
 
     def store_metrics(self, result, policy: torch.Tensor, pairs: int) -> None:
@@ -202,8 +215,14 @@ class DPOTrainer(LlavaTrainer):
 
 
 # -- the entry ----------------------------------------------------------------------------------
-def load_policy(model_args: ModelArguments, dpo_args: DPOArguments, args: TrainingArguments):
-    """(the stage-2 model, merged where it was a LoRA output; its tokenizer)."""
+def load_policy(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    dpo_args: DPOArguments,
+    args: TrainingArguments,
+):
+    """(the stage-2 model, merged where it was a LoRA output; its tokenizer; its processor, for
+    an image-text-to-text model, else None)."""
     if args.bits != 16:
         raise ValueError(f"--bits {args.bits}: QLoRA is not implemented for DPO; use --bits 16")
     with whole_weights(args):
@@ -213,15 +232,19 @@ def load_policy(model_args: ModelArguments, dpo_args: DPOArguments, args: Traini
             torch_dtype=compute_dtype(args),
             vision_tower=model_args.vision_tower,
         )
-    if loaded.processor is not None or not isinstance(loaded.model, LlavaForCausalLM):
+    if loaded.processor is not None:
+        check_flags_for_processor_model(model_args, data_args, args)
+        tokenizer = processor_tokenizer(loaded.processor, args.model_max_length)
+        return finish_model(loaded.model, args, None), tokenizer, loaded.processor
+    if not isinstance(loaded.model, LlavaForCausalLM):
         raise ValueError(
-            f"{model_args.model_name_or_path}: DPO is implemented for the composed LLaVA model; "
-            "transformers' image-text-to-text models are not yet"
+            f"{model_args.model_name_or_path}: a {type(loaded.model).__name__} without its "
+            "processor; DPO runs on the composed LLaVA model or an image-text-to-text model"
         )
     tokenizer = loaded.tokenizer
     tokenizer.model_max_length = args.model_max_length
     tokenizer.padding_side = "right"
-    return finish_model(loaded.model, args, None), tokenizer
+    return finish_model(loaded.model, args, None), tokenizer, None
 
 
 @contextmanager
@@ -317,25 +340,19 @@ def train_in_locked_folder(model_args, data_args, args, dpo_args):
     transformers.set_seed(args.seed)
     if args.gradient_checkpointing and args.gradient_checkpointing_kwargs is None:
         args.gradient_checkpointing_kwargs = {"use_reentrant": False}
-    model, tokenizer = load_policy(model_args, dpo_args, args)
+    model, tokenizer, processor = load_policy(model_args, data_args, dpo_args, args)
     reference = None
     if not plan.lora and not dpo_args.reference_free:
         reference = frozen_copy(model)
     model, plan = prepare_model(model, model_args, args)
     if args.should_log:
         logger.warning("Stage: DPO, %s\n%s", plan.name, trainable_table(model))
-    base = unwrap_base(model)
-    dataset, collator = build_preference_data(
-        tokenizer,
-        base.vision_tower.image_processor,
-        base.num_image_tokens,
-        data_args,
-        model_args.version or "v1",
-        args.model_max_length,
-        mm_use_im_start_end=getattr(base.config, "mm_use_im_start_end", False),
-        skip_log_dir=args.output_dir if data_args.skip_bad_records else None,
-    )
-    kind_of(model)  # a known kind, or a clear error
+    dataset, collator = build_pair_data(model, tokenizer, processor, model_args, data_args, args)
+    if processor is not None:
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+        has_text_only = "text" in dataset.modalities
+        kind_of(model).check_text_only_steps(model, has_text_only, is_deepspeed_zero3_enabled())
     preemption = PreemptionCallback()
     trainer = DPOTrainer(
         model=model,
@@ -346,7 +363,7 @@ def train_in_locked_folder(model_args, data_args, args, dpo_args):
         reference_model=reference,
         train_dataset=dataset,
         data_collator=collator,
-        processing_class=tokenizer,
+        processing_class=processor if processor is not None else tokenizer,
         callbacks=[preemption],
     )
     train_with_preemption(trainer, preemption, start.checkpoint, args.output_dir)
@@ -354,6 +371,28 @@ def train_in_locked_folder(model_args, data_args, args, dpo_args):
         list_skipped_records(args)
     trainer.save_final(args.output_dir)
     return trainer
+
+
+def build_pair_data(model, tokenizer, processor, model_args, data_args, args):
+    """(dataset, collator) of the pairs: through the model's processor where it has one, else
+    through the composed model's tower and this project's templates."""
+    skip_log_dir = args.output_dir if data_args.skip_bad_records else None
+    version = template_of(model_args, processor)
+    if processor is not None:
+        return build_processor_preference_data(
+            processor, data_args, version, args.model_max_length, skip_log_dir=skip_log_dir
+        )
+    base = unwrap_base(model)
+    return build_preference_data(
+        tokenizer,
+        base.vision_tower.image_processor,
+        base.num_image_tokens,
+        data_args,
+        version,
+        args.model_max_length,
+        mm_use_im_start_end=getattr(base.config, "mm_use_im_start_end", False),
+        skip_log_dir=skip_log_dir,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

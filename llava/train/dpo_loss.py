@@ -6,7 +6,9 @@ and the pairs' images once. The images go through the tower and projector once; 
 features are written into its chosen and its rejected row. The language model runs on all 2B
 rows; its final hidden states are gathered where a label is supervised (the answer and its
 end token), and only there does the head run, chunk by chunk in float32, as the stage-2 loss
-does (llava/model/llava.py): no logits for the image or the prompt.
+does (llava/model/llava.py): no logits for the image or the prompt. That is the composed
+model's computation; transformers' image-text-to-text models have theirs in
+llava/train/dpo_vlm.py, chosen by the model's kind (`sequence_log_probs`).
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from llava.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
-from llava.model.kinds import unwrap_base
+from llava.model.kinds import ComposedKind, ImageTextToTextKind, kind_of, unwrap_base
 from llava.model.llava import LOSS_CHUNK_SIZE, LlavaForCausalLM
+from llava.train.dpo_vlm import image_text_to_text_log_probs
 
 DPO_LOSSES = ("sigmoid", "ipo", "robust")
 
@@ -91,14 +94,10 @@ def pair_embeddings(
     return embeds.masked_scatter(image_mask.unsqueeze(-1), features)
 
 
-def sequence_log_probs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def composed_log_probs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """(2B,) each row's summed log-probability of its answer; `model` is the composed model
     (in a peft wrapper or not: LoRA layers sit inside it, so disable_adapter() reaches here)."""
     base = unwrap_base(model)
-    if not isinstance(base, LlavaForCausalLM):
-        raise ValueError(
-            f"DPO is implemented for the composed LLaVA model, not {type(base).__name__}"
-        )
     embeds = pair_embeddings(
         base, batch["input_ids"], batch.get("pixel_values"), batch.get("image_sizes")
     )
@@ -108,6 +107,18 @@ def sequence_log_probs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torc
     ).last_hidden_state  # (2B, T, D)
     softcap = getattr(base.config.text_config, "final_logit_softcapping", None)
     return summed_log_probs(hidden, batch["labels"], base.get_output_embeddings(), softcap)
+
+
+# How each model kind computes its rows' answer log-probabilities (the kind seam).
+LOG_PROBS_BY_KIND = {
+    ComposedKind: composed_log_probs,
+    ImageTextToTextKind: image_text_to_text_log_probs,
+}
+
+
+def sequence_log_probs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(2B,) each row's summed log-probability of its answer, by the model's kind."""
+    return LOG_PROBS_BY_KIND[type(kind_of(model))](model, batch)
 
 
 @dataclass
