@@ -11,7 +11,8 @@
 # 5.7K pairs take well under an hour there.
 # Environment: MODEL_NAME_OR_PATH (the stage-2 output: a full model, or a LoRA output with
 # MODEL_BASE naming its base LLM, as --model-base does for the eval commands), DATA_PATH,
-# IMAGE_FOLDER, OUTPUT_DIR, VERSION (the chat template: v1, or auto), NUM_GPUS,
+# IMAGE_FOLDER, OUTPUT_DIR, VERSION (the chat template: v1, or auto), IMAGE_ASPECT_RATIO (pad;
+# anyres or anyres_max_N for a composed model trained with AnyRes), NUM_GPUS,
 # DEEPSPEED_CONFIG, PER_DEVICE_BATCH, GRAD_ACCUM, FULL, LAUNCHER (deepspeed, torchrun or
 # python), MASTER_PORT, DRY_RUN=1 (print the command) and the several-machine variables, as
 # in scripts/launch.sh (DEVICE=gpu only). Arguments given to this script are appended last and
@@ -31,6 +32,7 @@ PER_DEVICE_BATCH=${PER_DEVICE_BATCH:-8}  # pairs: 8 GPUs x 8 = 64
 GRAD_ACCUM=${GRAD_ACCUM:-1}
 FULL=${FULL:-0}
 VERSION=${VERSION:-v1}
+IMAGE_ASPECT_RATIO=${IMAGE_ASPECT_RATIO:-pad}  # an AnyRes model: the value its config holds
 
 if [ "$DEVICE" != gpu ]; then
     echo "scripts/dpo.sh runs with DEVICE=gpu (CUDA, or CPU where there is none)" >&2
@@ -56,7 +58,7 @@ arguments=(
     --version "$VERSION"
     --data_path "$DATA_PATH"
     --image_folder "$IMAGE_FOLDER"
-    --image_aspect_ratio pad
+    --image_aspect_ratio "$IMAGE_ASPECT_RATIO"
     --group_by_modality_length True
     --bf16 True
     --output_dir "$OUTPUT_DIR"

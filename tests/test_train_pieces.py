@@ -242,6 +242,27 @@ def test_image_token_check_raises_at_a_training_log_without_the_throughput_callb
         trainer.log({"train_runtime": 1.0, "train_loss": 1.0})
 
 
+@pytest.mark.parametrize("per_image, features, wrong", [(4, 2, 0), (None, 8, 0), (None, 7, 1)])
+def test_on_an_accelerator_the_image_token_check_counts_without_waiting(
+    model, per_image, features, wrong
+):
+    """On a device (meta here, as any accelerator) in training, a mismatch is counted, not
+    read: fixed-size images (N images x P tokens) and AnyRes features (M rows in all)."""
+    image_mask = torch.zeros(2, 6, dtype=torch.bool, device="meta")
+    model.train()
+    model.deferred_image_errors = None
+    model.check_image_tokens(image_mask, features, per_image)
+    assert model.deferred_image_errors.device.type == "meta"  # nothing was read back
+    model.deferred_image_errors = None
+    cpu_mask = torch.zeros(2, 6, dtype=torch.bool)
+    cpu_mask[:, :4] = True  # 8 placeholders
+    if wrong:
+        with pytest.raises(ValueError, match="tokens: 8, features: 7"):
+            model.check_image_tokens(cpu_mask, features, per_image)
+    else:
+        model.check_image_tokens(cpu_mask, features, per_image)
+
+
 def script_arguments(script: str) -> list[str]:
     """The arguments a script passes to train.py."""
     lines = dry_run_arguments(script, {"LAUNCHER": "python"})

@@ -14,7 +14,6 @@ VIDEO), from which the model finds each medium's layout again.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,7 +22,7 @@ from PIL import Image
 
 from llava.data.dataset import SupervisedDataset
 from llava.data.formats import BadRecordError, Record
-from llava.data.images import load_image
+from llava.data.images import load_image, read_size
 from llava.data.media import TILED, VIDEO, AnyRes
 from llava.data.tokenize import ConversationTokenizer, fit
 from llava.data.video import Video, read_frames
@@ -90,6 +89,23 @@ class AnyResMedia:
             self.image_ids_for(self.anyres.medium_tokens(kind, size))
             for kind, size in zip(kinds, sizes)
         ]
+
+    def placeholder_ids(
+        self, media: Sequence[Any], decoded: Sequence[Any], max_image_pixels: int
+    ) -> list[list[int]]:
+        """Each medium's placeholder ids: tiled images by size (the decoded ones', the others'
+        from their headers, never decoding), whole images and videos by kind alone; a
+        ValueError for a medium the model cannot take or an unreadable header."""
+        kinds = self.kinds(media)
+        sizes = []
+        for k, (medium, kind) in enumerate(zip(media, kinds)):
+            if kind != TILED:
+                sizes.append(None)
+            elif k < len(decoded):
+                sizes.append(decoded[k].size)
+            else:
+                sizes.append(read_size(medium, max_image_pixels))
+        return self.media_ids(kinds, sizes)
 
     def pixels(self, media: Sequence[Any], kinds: Sequence[int]) -> dict[str, torch.Tensor]:
         """{"pixel_values": (views, 3, H, W), "image_sizes": (media, 2), "media_kinds":
@@ -159,17 +175,11 @@ class AnyResDataset(SupervisedDataset):
         )
 
     def media_ids(self, record: Record, decoded: Sequence[Any] = ()) -> list[list[int]]:
-        """Each medium's placeholder ids: tiled images by size (the decoded ones', the others'
-        from their headers), whole images and videos by kind alone."""
+        """Each medium's placeholder ids (AnyResMedia.placeholder_ids), or BadRecordError."""
         try:
-            kinds = self.media.kinds(record.images)
+            return self.media.placeholder_ids(record.images, decoded, self.max_image_pixels)
         except ValueError as error:
             raise BadRecordError(record.source, record.index, str(error), record.id) from None
-        tiled = [m for m, kind in zip(record.images, kinds) if kind == TILED]
-        decoded_tiled = [m for m, kind in zip(decoded, kinds) if kind == TILED]
-        sizes = iter(self.sizes(dataclasses.replace(record, images=tuple(tiled)), decoded_tiled))
-        media_sizes = [next(sizes) if kind == TILED else None for kind in kinds]
-        return self.media.media_ids(kinds, media_sizes)
 
     def add_block(self, records: list[Record]) -> None:
         """Read image sizes, tokenize (one batched call) and keep what has something to learn."""

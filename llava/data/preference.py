@@ -11,9 +11,10 @@ Two record layouts are read from JSON / JSONL files:
 Each answer becomes the last assistant turn of the prompt's conversation and is tokenized turn
 by turn exactly as stage 2 tokenizes it (llava/data/tokenize.py); only that last answer (with
 the template's end token) is supervised, earlier assistant turns of the prompt are not. Both
-sequences share the prompt's ids (checked) and the pair's images, which are loaded once.
-A pair longer than model_max_length is dropped and counted (cutting would change an answer).
-Bad pairs (identical or empty answers, missing images, a prompt that ends with the assistant)
+sequences share the prompt's ids (checked) and the pair's images, which are loaded once
+(tiled by AnyRes for a model trained with it: llava/data/anyres_preference.py). A pair longer
+than model_max_length is dropped and counted (cutting would change an answer). Bad pairs
+(identical or empty answers, missing images, a video, a prompt that ends with the assistant)
 raise `BadRecordError` naming the file, index and id, or with skip_bad_records are counted,
 listed through `llava.data.skipped`, and skipped.
 """
@@ -46,12 +47,14 @@ from llava.data.formats import (
 )
 from llava.data.images import DEFAULT_MAX_IMAGE_PIXELS, check_aspect_ratio, load_image
 from llava.data.images import process_images as process_image_list
+from llava.data.media import is_anyres
 from llava.data.skipped import DECODE, LOAD, SkipLog
 from llava.data.tokenize import ConversationTokenizer, EncodedConversation
 
 logger = logging.getLogger(__name__)
 
 CHOSEN, REJECTED = "chosen", "rejected"
+IMAGE_KEYS = ("pixel_values", "image_sizes", "media_kinds")  # a pair's, given once per batch
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,8 @@ def parse_preference_row(
     try:
         if not isinstance(row, dict):
             raise ValueError(f"a record must be a JSON object, found {type(row).__name__}")
+        if "video" in row or "videos" in row:
+            raise ValueError("a video: videos in preference pairs are not implemented for DPO")
         images = row_images(row, "images" if "images" in row else "image")
         prompt, llava_style = prompt_of(row, images)
         chosen, rejected = (
@@ -209,6 +214,15 @@ def encoded_pair(chosen: EncodedConversation, rejected: EncodedConversation) -> 
     )
 
 
+def pair_tensors(pair: EncodedPair) -> dict[str, torch.Tensor]:
+    return {
+        "chosen_input_ids": torch.tensor(pair.chosen_input_ids),  # (T_c,)
+        "chosen_labels": torch.tensor(pair.chosen_labels),  # (T_c,)
+        "rejected_input_ids": torch.tensor(pair.rejected_input_ids),  # (T_r,)
+        "rejected_labels": torch.tensor(pair.rejected_labels),  # (T_r,)
+    }
+
+
 # -- the dataset ----------------------------------------------------------------------------------
 class PreferenceDataset(Dataset):
     """Pairs -> {"chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"
@@ -258,10 +272,18 @@ class PreferenceDataset(Dataset):
 
     def encode(self, record: PreferenceRecord) -> EncodedPair:
         """Both sequences of a record, untruncated, or BadRecordError naming it."""
+        return self.encode_pair(record)
+
+    def encode_pair(
+        self, record: PreferenceRecord, image_ids: Sequence[Sequence[int]] | None = None
+    ) -> EncodedPair:
+        """Both sequences with `image_ids`, each image's ids where they depend on its size
+        (see ConversationTokenizer.encode_many; None: the tokenizer's fixed ones)."""
         if record.images and self.image_processor is None:
             raise ValueError(f"{record.source} record {record.index} has images but no processor")
         conversations = [record.turns(record.chosen), record.turns(record.rejected)]
-        chosen, rejected = self.conversation_tokenizer.encode_many(conversations)
+        both = None if image_ids is None else [image_ids, image_ids]
+        chosen, rejected = self.conversation_tokenizer.encode_many(conversations, both)
         try:
             for item in (chosen, rejected):
                 if isinstance(item, ValueError):
@@ -305,26 +327,26 @@ class PreferenceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def decode_images(self, record: PreferenceRecord) -> list[Any]:
+        """The pair's images, decoded once for both answers, or BadRecordError naming it."""
+        try:
+            return [load_image(source, self.max_image_pixels) for source in record.images]
+        except ValueError as error:
+            raise BadRecordError(record.source, record.index, str(error), record.id) from None
+
     def pixel_values(self, record: PreferenceRecord) -> torch.Tensor | None:
         """(N, 3, H, W): the pair's images, loaded once for both answers."""
         if not record.images:
             return None
+        images = self.decode_images(record)
         try:
-            images = [load_image(source, self.max_image_pixels) for source in record.images]
             return process_image_list(images, self.image_processor, self.image_aspect_ratio)
         except ValueError as error:
             raise BadRecordError(record.source, record.index, str(error), record.id) from None
 
     def load(self, i: int) -> dict[str, Any]:
         record = self.records[i]
-        pair = self.encode(record)
-        return {
-            "chosen_input_ids": torch.tensor(pair.chosen_input_ids),  # (T_c,)
-            "chosen_labels": torch.tensor(pair.chosen_labels),  # (T_c,)
-            "rejected_input_ids": torch.tensor(pair.rejected_input_ids),  # (T_r,)
-            "rejected_labels": torch.tensor(pair.rejected_labels),  # (T_r,)
-            "pixel_values": self.pixel_values(record),  # (N, 3, H, W) or None
-        }
+        return {**pair_tensors(self.encode(record)), "pixel_values": self.pixel_values(record)}
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         """Pair i; with skip_bad_records an image that fails to decode makes it the next pair
@@ -348,7 +370,8 @@ class PreferenceDataset(Dataset):
 class PreferenceCollator:
     """Pairs -> one padded batch of 2B rows, the B chosen sequences then the B rejected ones
     (input_ids, labels, attention_mask (2B, T)), and `pixel_values` (N, 3, H, W): the pairs'
-    images once, in pair order; the model gives each image's features to both of its rows."""
+    images once, in pair order (with AnyRes, their views, and `image_sizes` and `media_kinds`
+    once per pair's media); the model gives each image's features to both of its rows."""
 
     pad_token_id: int
     padding_side: str = "right"
@@ -360,7 +383,8 @@ class PreferenceCollator:
             for pair in pairs
         ]
         for row, pair in zip(rows, pairs):  # the chosen rows carry the images
-            row["pixel_values"] = pair.get("pixel_values")
+            for key in IMAGE_KEYS:
+                row[key] = pair.get(key)
         return SupervisedCollator(self.pad_token_id, self.padding_side)(rows)
 
 
@@ -387,17 +411,22 @@ def build_preference_data(
     model_max_length: int,
     mm_use_im_start_end: bool = False,
     skip_log_dir: str | None = None,
+    anyres: Any = None,
 ) -> tuple[PreferenceDataset, PreferenceCollator]:
-    """The DPO entry's one call: (dataset, collator) from the data flags."""
+    """The DPO entry's one call: (dataset, collator) from the data flags; `anyres` (the
+    model's llava.data.media.AnyRes, with --image_aspect_ratio anyres or anyres_max_N): each
+    image's tokens and tiles by its size (llava.data.anyres_preference)."""
+    image_aspect_ratio = getattr(data_args, "image_aspect_ratio", "square")
+    check_aspect_ratio(image_aspect_ratio)  # before any file is read
+    if (anyres is not None) != is_anyres(image_aspect_ratio):
+        raise ValueError(
+            f"--image_aspect_ratio {image_aspect_ratio} and the model's "
+            f"{'anyres' if anyres is not None else 'fixed-size'} images disagree"
+        )
     records, skipped = read_pairs(data_args)
-    dataset = PreferenceDataset(
-        records,
-        tokenizer,
-        get_template(version),
-        model_max_length,
+    options = dict(
         image_processor=image_processor,
-        num_image_tokens=num_image_tokens,
-        image_aspect_ratio=getattr(data_args, "image_aspect_ratio", "square"),
+        image_aspect_ratio=image_aspect_ratio,
         mm_use_im_start_end=mm_use_im_start_end,
         skip_bad_records=getattr(data_args, "skip_bad_records", False),
         summary=DataSummary(source=data_args.data_path),
@@ -405,6 +434,19 @@ def build_preference_data(
         skip_log_dir=skip_log_dir,
         max_image_pixels=getattr(data_args, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS),
     )
+    template = get_template(version)
+    if anyres is not None:
+        # imported here: it builds on this module's dataset
+        from llava.data.anyres_preference import AnyResPreferenceDataset
+
+        dataset = AnyResPreferenceDataset(
+            records, tokenizer, template, model_max_length, anyres=anyres, **options
+        )
+    else:
+        dataset = PreferenceDataset(
+            records, tokenizer, template, model_max_length,
+            num_image_tokens=num_image_tokens, **options,
+        )  # fmt: skip
     if len(dataset) == 0:
         raise ValueError(f"no pair to train on in {data_args.data_path}: {dataset.summary.line()}")
     return dataset, PreferenceCollator(pad_token_id_of(tokenizer))

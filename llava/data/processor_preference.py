@@ -32,7 +32,7 @@ from llava.conversation import get_template
 from llava.data.collator import SupervisedCollator, pad_token_id_of
 from llava.data.dataset import DataSummary
 from llava.data.formats import BadRecordError
-from llava.data.images import DEFAULT_MAX_IMAGE_PIXELS, load_image, read_size
+from llava.data.images import DEFAULT_MAX_IMAGE_PIXELS, read_size
 from llava.data.preference import (
     CHOSEN,
     REJECTED,
@@ -120,12 +120,6 @@ class ProcessorPreferenceDataset(PreferenceDataset):
 
     def encode(self, record: PreferenceRecord) -> EncodedPair:
         return self.rendered_pair(record)[0]
-
-    def decode_images(self, record: PreferenceRecord) -> list[Image.Image]:
-        try:
-            return [load_image(source, self.max_image_pixels) for source in record.images]
-        except ValueError as error:
-            raise BadRecordError(record.source, record.index, str(error), record.id) from None
 
     def load(self, i: int) -> dict[str, Any]:
         record = self.records[i]

@@ -320,7 +320,7 @@ class LlavaForCausalLM(PreTrainedModel):
         pipeline builds the counts to match, so this guards against a foreign collator.
         """
         if image_mask.device.type != "cpu" and self.training:
-            mismatch = (image_mask.sum() != num_images * per_image).long()
+            mismatch = (image_mask.sum() != num_images * (per_image or 1)).long()
             pending = getattr(self, "deferred_image_errors", None)
             self.deferred_image_errors = mismatch if pending is None else pending + mismatch
             return

@@ -19,9 +19,10 @@ The reference model is the frozen starting point:
   each process; under ZeRO-3 it is not partitioned);
 - with --reference_free, none.
 Everything else (sampler, optimizer groups, checkpoints, resume, preemption, throughput logs)
-is stage 2's trainer (llava/train/trainer.py). Not implemented here: AnyRes images for the
-composed model, prompt+suffix processors (PaliGemma, Fuyu), QLoRA (--bits 4/8), validation
-splits.
+is stage 2's trainer (llava/train/trainer.py). A composed model trained with AnyRes
+(--image_aspect_ratio anyres or anyres_max_N, as its config says) tiles the pairs' images as
+stage 2 does (llava/data/anyres_preference.py). Not implemented here: videos in pairs,
+prompt+suffix processors (PaliGemma, Fuyu), QLoRA (--bits 4/8), validation splits.
 """
 
 from __future__ import annotations
@@ -294,8 +295,6 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def check_data_flags(data_args: DataArguments, args: TrainingArguments) -> None:
-    if is_anyres(data_args.image_aspect_ratio):
-        raise ValueError("--image_aspect_ratio anyres is not implemented for DPO; use pad")
     if data_args.validation_split_percentage:
         raise ValueError("--validation_split_percentage is not implemented for DPO")
     if args.packing != "none" or args.pad_max or args.num_length_buckets:
@@ -383,6 +382,7 @@ def build_pair_data(model, tokenizer, processor, model_args, data_args, args):
             processor, data_args, version, args.model_max_length, skip_log_dir=skip_log_dir
         )
     base = unwrap_base(model)
+    check_aspect_of(base, data_args.image_aspect_ratio)
     return build_preference_data(
         tokenizer,
         base.vision_tower.image_processor,
@@ -392,7 +392,24 @@ def build_pair_data(model, tokenizer, processor, model_args, data_args, args):
         args.model_max_length,
         mm_use_im_start_end=getattr(base.config, "mm_use_im_start_end", False),
         skip_log_dir=skip_log_dir,
+        anyres=base.anyres,
     )
+
+
+def check_aspect_of(model: LlavaForCausalLM, image_aspect_ratio: str) -> None:
+    """An AnyRes model's images are tiled as it was trained (its config's anyres settings):
+    --image_aspect_ratio must name that mode, not another."""
+    trained = model.config.image_aspect_ratio
+    if model.anyres is not None and image_aspect_ratio != trained:
+        raise ValueError(
+            f"--image_aspect_ratio {image_aspect_ratio}: the model was trained with {trained} "
+            f"(its config's); pass --image_aspect_ratio {trained}"
+        )
+    if model.anyres is None and is_anyres(image_aspect_ratio):
+        raise ValueError(
+            f"--image_aspect_ratio {image_aspect_ratio}: the model was trained without anyres "
+            "(fixed-size images); pass pad or square"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

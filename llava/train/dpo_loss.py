@@ -77,15 +77,20 @@ def pair_embeddings(
     input_ids: torch.Tensor,
     pixel_values: torch.Tensor | None,
     image_sizes: torch.Tensor | None = None,
+    media_kinds: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(2B, T, D) token embeddings with image features written at the placeholders of both
-    halves; pixel_values hold the B pairs' images once and go through the tower once."""
+    halves; pixel_values hold the B pairs' images once and go through the tower once.
+
+    With AnyRes, pixel_values are the pairs' views, `image_sizes` (N, 2) and `media_kinds` (N,)
+    each image's, and the features are packed (unpadded, newlines) as the model's own forward
+    packs them (embed_inputs: the same encode_anyres_images), N images' tokens in order."""
     if pixel_values is None or pixel_values.shape[0] == 0:
         return model.embed_inputs(input_ids)  # text only: the model keeps its image path alive
     image_mask = input_ids == IMAGE_PLACEHOLDER_ID  # (2B, T)
     embeds = model.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))  # (2B, T, D)
     if model.anyres is not None:
-        features = model.encode_anyres_images(pixel_values, image_sizes)  # (M, D)
+        features = model.encode_anyres_images(pixel_values, image_sizes, media_kinds)  # (M, D)
         model.check_image_tokens(image_mask, 2 * features.shape[0], None)
     else:
         features = model.encode_images(pixel_values)  # (N, P, D)
@@ -99,7 +104,11 @@ def composed_log_probs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torc
     (in a peft wrapper or not: LoRA layers sit inside it, so disable_adapter() reaches here)."""
     base = unwrap_base(model)
     embeds = pair_embeddings(
-        base, batch["input_ids"], batch.get("pixel_values"), batch.get("image_sizes")
+        base,
+        batch["input_ids"],
+        batch.get("pixel_values"),
+        batch.get("image_sizes"),
+        batch.get("media_kinds"),
     )
     decoder = base.language_model.get_decoder()
     hidden = decoder(
