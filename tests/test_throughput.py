@@ -139,9 +139,25 @@ def samples() -> list[dict]:
 def test_padded_and_packed_batches_have_the_same_statistics():
     padded = batch_statistics(SupervisedCollator(pad_token_id=0)(samples()))
     packed = batch_statistics(PackingCollator(pad_token_id=0, flatten=True)(samples()))
-    assert padded[0] == [3, 18, 0]  # samples, slots (3 x 6), images
-    assert packed[0] == [3, 13, 0]
+    assert padded[0] == [3, 18, 0, 0]  # samples, slots (3 x 6), images, cached images
+    assert packed[0] == [3, 13, 0, 0]
     assert padded[1].tolist() == packed[1].tolist() == [13, 36 + 9 + 16, 3 + 2 + 2]
+
+
+def test_cached_features_count_the_projector_not_the_tower(model):
+    """A batch of features read from a feature cache: its images cost the projector's FLOPs
+    (forward and backward in stage 1), the tower's none; pixel images cost both."""
+    grads = StageGrads(projector=True)
+    flop_model = flop_model_for(model.config, grads)
+    batch = SupervisedCollator(pad_token_id=0)(samples())
+    host, _ = batch_statistics({**batch, "image_features": torch.zeros(2, 4, 8)})
+    assert host == [3, 18, 0, 2]
+    stats = {**BATCH, "images": 0, "cached_images": 2}
+    pixels = {**BATCH, "images": 2, "cached_images": 0}
+    # the projector's first layer: forward and weight gradients; its second: input gradients too
+    assert flop_model.cached_image_flops == 2 * PROJECTOR_FORWARD[0] + 3 * PROJECTOR_FORWARD[1]
+    difference = flop_model.step_flops(pixels) - flop_model.step_flops(stats)
+    assert difference == pytest.approx(2 * TOWER_FORWARD)  # the frozen tower: forward only
 
 
 def test_meter_rates(monkeypatch):

@@ -79,10 +79,12 @@ class FlopModel:
     token_flops: float  # language-model linear layers (and LoRA), per real token
     attention_flops: float  # per squared sample length
     supervised_flops: float  # LM head, per supervised token
+    cached_image_flops: float = 0.0  # projector only, per image read from a feature cache
 
     def step_flops(self, stats: dict[str, float]) -> float:
         return (
             stats["images"] * self.image_flops
+            + stats.get("cached_images", 0) * self.cached_image_flops
             + stats["tokens"] * self.token_flops
             + stats["squared_lengths"] * self.attention_flops
             + stats["supervised"] * self.supervised_flops
@@ -172,15 +174,17 @@ def build_flop_model(
     reduction), default the tower's features."""
     tokens = tower.features if projector_tokens is None else projector_tokens
     tower_flops = tower.forward_flops() * (3 if grads.tower else 1)
+    projector_work = projector_flops(projector, tokens, grads)
     # Input gradients run through the whole LM: something before its last layer trains in
     # every stage (the projector, the LM itself or LoRA adapters in its first layers).
     lm_multiplier = 2 + int(grads.language_model)
     lora = 3 * text.lora_token_forward_flops(grads.lora_rank) if grads.lora_rank else 0.0
     return FlopModel(
-        image_flops=tower_flops + projector_flops(projector, tokens, grads),
+        image_flops=tower_flops + projector_work,
         token_flops=text.token_forward_flops() * lm_multiplier + lora,
         attention_flops=text.attention_forward_flops() * 3,
         supervised_flops=2 * text.hidden * text.vocab * (2 + int(grads.head)),
+        cached_image_flops=projector_work,
     )
 
 
@@ -281,9 +285,11 @@ def peak_flops_for(args: Any) -> float | None:
 
 
 def batch_statistics(batch: dict[str, Any]) -> tuple[list[int], torch.Tensor]:
-    """Statistics of one batch: (samples, slots, images) known on the host, and (tokens,
-    squared lengths, supervised) as one tensor on the batch's device, so that no step waits
-    for the device.
+    """Statistics of one batch: (samples, slots, images, cached images) known on the host, and
+    (tokens, squared lengths, supervised) as one tensor on the batch's device, so that no step
+    waits for the device. Images are pixel_values' rows (an AnyRes view counts as one: the
+    tower runs on each); cached images are the rows of `image_features` read from a feature
+    cache (the tower does not run on them, the projector does).
 
     Sample lengths come from `sample_lengths` (packed batches) or from the attention mask
     (padded ones); a batch with neither is taken as unpadded.
@@ -300,13 +306,14 @@ def batch_statistics(batch: dict[str, Any]) -> tuple[list[int], torch.Tensor]:
     lengths = lengths.long()
     labels = batch.get("labels")
     supervised = (labels[:, 1:] != IGNORE_INDEX).sum() if labels is not None else lengths.sum() * 0
-    pixel_values = batch.get("pixel_values")
+    pixel_values, features = batch.get("pixel_values"), batch.get("image_features")
     images = 0 if pixel_values is None else pixel_values.shape[0]
-    host = [lengths.shape[0], input_ids.numel(), images]
+    cached_images = 0 if features is None else features.shape[0]
+    host = [lengths.shape[0], input_ids.numel(), images, cached_images]
     return host, torch.stack([lengths.sum(), (lengths * lengths).sum(), supervised])
 
 
-HOST_FIELDS = ("samples", "slots", "images")
+HOST_FIELDS = ("samples", "slots", "images", "cached_images")
 DEVICE_FIELDS = ("tokens", "squared_lengths", "supervised")
 
 
@@ -316,7 +323,7 @@ class ThroughputMeter:
 
     flop_model: FlopModel | None
     peak_flops: float | None
-    host_totals: list[int] = field(default_factory=lambda: [0, 0, 0])
+    host_totals: list[int] = field(default_factory=lambda: [0] * len(HOST_FIELDS))
     device_totals: torch.Tensor | None = None
     window_start: float = field(default_factory=time.perf_counter)
 
@@ -327,7 +334,7 @@ class ThroughputMeter:
         self.device_totals = device if totals is None else totals + device
 
     def start(self) -> None:
-        self.host_totals, self.device_totals = [0, 0, 0], None
+        self.host_totals, self.device_totals = [0] * len(HOST_FIELDS), None
         self.window_start = time.perf_counter()
 
     def totals(self) -> dict[str, int]:
