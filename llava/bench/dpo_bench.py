@@ -102,32 +102,44 @@ def write_assets(folder: str, config: BenchConfig, warmup: int, steps: int) -> A
 def build_ours(assets: Assets, config: BenchConfig, output_dir: str):
     from llava.data.preference import build_preference_data
     from llava.model.builder import build_llava_model, load_tokenizer
-    from llava.train.dpo import DPOTrainer, parse_dpo_arguments
-    from llava.train.stages import apply_stage, plan_stage
 
     model = build_llava_model(assets.llm, assets.clip, torch_dtype=getattr(torch, config.dtype)).to(
         config.device
     )
+    tokenizer = load_tokenizer(assets.llm, config.model_max_length)
+
+    def pair_data(part: str):
+        data_args = argparse.Namespace(data_path=assets.path(f"dpo-{part}.json"), image_folder=None)
+        return build_preference_data(
+            tokenizer, model.vision_tower.image_processor, model.num_image_tokens, data_args, "v1",
+            config.model_max_length,
+        )  # fmt: skip
+
+    return ours_trainer_maker(model, assets.llm, tokenizer, pair_data, config, output_dir)
+
+
+def ours_trainer_maker(model, model_path: str, processing_class, pair_data, config, output_dir):
+    """(make_trainer, meter) for our DPOTrainer: full fine-tuning of the language model with the
+    tower and projector frozen, a frozen copy as the reference; `pair_data(part)` gives the
+    part's (dataset, collator), which must keep every pair."""
+    from llava.train.dpo import DPOTrainer, parse_dpo_arguments
+    from llava.train.stages import apply_stage, plan_stage
+
     reference = copy.deepcopy(model).requires_grad_(False).eval()
     plan = plan_stage(freeze_mm_mlp_adapter=True)
     apply_stage(model, plan)
-    tokenizer = load_tokenizer(assets.llm, config.model_max_length)
     settings = trainer_settings(config, "finetune", output_dir)
     settings.update(learning_rate=LEARNING_RATE, beta=BETA, dataloader_num_workers=0)
-    flags = ["--model_name_or_path", assets.llm, *(f"--{k}={v}" for k, v in settings.items())]
+    flags = ["--model_name_or_path", model_path, *(f"--{k}={v}" for k, v in settings.items())]
     meter = ThroughputMeter(None, None)
 
     def make_trainer(part: str, steps: int, callbacks: list):
         meter.start()
-        data_args = argparse.Namespace(data_path=assets.path(f"dpo-{part}.json"), image_folder=None)
-        dataset, collator = build_preference_data(
-            tokenizer, model.vision_tower.image_processor, model.num_image_tokens, data_args, "v1",
-            config.model_max_length,
-        )  # fmt: skip
+        dataset, collator = pair_data(part)
         if len(dataset) != steps * config.batch_size:
             raise RuntimeError(f"pairs were dropped: {dataset.summary.line()}")
         _, _, args, dpo = parse_dpo_arguments([*flags, f"--max_steps={steps}"])
-        trainer = DPOTrainer(
+        return DPOTrainer(
             model=model,
             args=args,
             stage_plan=plan,
@@ -135,10 +147,9 @@ def build_ours(assets: Assets, config: BenchConfig, output_dir: str):
             reference_model=reference,
             train_dataset=dataset,
             data_collator=CountingCollator(collator, meter),
-            processing_class=tokenizer,
+            processing_class=processing_class,
             callbacks=callbacks,
         )
-        return trainer
 
     return make_trainer, meter
 
@@ -285,46 +296,21 @@ def write_vlm_assets(folder: str, config: BenchConfig, warmup: int, steps: int) 
 def build_ours_vlm(assets: Assets, config: BenchConfig, output_dir: str):
     from llava.data.processor_preference import build_processor_preference_data
     from llava.model.builder import load_image_text_to_text
-    from llava.train.dpo import DPOTrainer, parse_dpo_arguments
-    from llava.train.stages import apply_stage, plan_stage
     from llava.train.train import processor_tokenizer
 
     model, processor = load_image_text_to_text(assets.hf_llava, getattr(torch, config.dtype))
     model.to(config.device)
     processor_tokenizer(processor, config.model_max_length)
-    reference = copy.deepcopy(model).requires_grad_(False).eval()
-    plan = plan_stage(freeze_mm_mlp_adapter=True)
-    apply_stage(model, plan)
-    settings = trainer_settings(config, "finetune", output_dir)
-    settings.update(learning_rate=LEARNING_RATE, beta=BETA, dataloader_num_workers=0)
-    flags = ["--model_name_or_path", assets.hf_llava]
-    flags += [f"--{k}={v}" for k, v in settings.items()]
-    meter = ThroughputMeter(None, None)
 
-    def make_trainer(part: str, steps: int, callbacks: list):
-        meter.start()
+    def pair_data(part: str):
         data_args = argparse.Namespace(
             data_path=assets.path(f"dpo-vlm-{part}.json"), image_folder=assets.images
         )
-        dataset, collator = build_processor_preference_data(
+        return build_processor_preference_data(
             processor, data_args, "auto", config.model_max_length
         )
-        if len(dataset) != steps * config.batch_size:
-            raise RuntimeError(f"pairs were dropped: {dataset.summary.line()}")
-        _, _, args, dpo = parse_dpo_arguments([*flags, f"--max_steps={steps}"])
-        return DPOTrainer(
-            model=model,
-            args=args,
-            stage_plan=plan,
-            dpo=dpo,
-            reference_model=reference,
-            train_dataset=dataset,
-            data_collator=CountingCollator(collator, meter),
-            processing_class=processor,
-            callbacks=callbacks,
-        )
 
-    return make_trainer, meter
+    return ours_trainer_maker(model, assets.hf_llava, processor, pair_data, config, output_dir)
 
 
 def trl_vlm_rows(path: str, image_folder: str) -> list[dict[str, Any]]:

@@ -145,6 +145,15 @@ class AnyResMedia:
         return views
 
 
+def anyres_tokenizing(
+    tokenizer: Any, template: Any, anyres: AnyRes, image_processor: Any, mm_use_im_start_end: bool
+) -> tuple[ConversationTokenizer, AnyResMedia]:
+    """The conversation tokenizer of an AnyRes dataset (its images' ids come per medium) and
+    the media that give those ids and the pixels."""
+    conversation = ConversationTokenizer(tokenizer, template, 0, mm_use_im_start_end)
+    return conversation, AnyResMedia(anyres, image_processor, conversation.image_ids_for)
+
+
 class AnyResDataset(SupervisedDataset):
     """Records -> {"input_ids", "labels", "pixel_values" (views, 3, H, W), "image_sizes",
     "media_kinds"}, each medium's placeholders as many as AnyRes gives its kind and size."""
@@ -161,8 +170,9 @@ class AnyResDataset(SupervisedDataset):
         mm_use_im_start_end: bool = False,
         **kwargs: Any,
     ):
-        conversation = ConversationTokenizer(tokenizer, template, 0, mm_use_im_start_end)
-        self.media = AnyResMedia(anyres, image_processor, conversation.image_ids_for)
+        conversation, self.media = anyres_tokenizing(
+            tokenizer, template, anyres, image_processor, mm_use_im_start_end
+        )
         super().__init__(
             records,
             tokenizer,

@@ -16,11 +16,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from llava.data.anyres_data import AnyResMedia
+from llava.data.anyres_data import anyres_tokenizing
 from llava.data.formats import BadRecordError
 from llava.data.media import AnyRes
 from llava.data.preference import EncodedPair, PreferenceDataset, PreferenceRecord, pair_tensors
-from llava.data.tokenize import ConversationTokenizer
 
 
 class AnyResPreferenceDataset(PreferenceDataset):
@@ -42,8 +41,9 @@ class AnyResPreferenceDataset(PreferenceDataset):
     ):
         """`image_processor`: the tower's (its tile size and normalisation); `anyres`: the
         model's; `dataset_options`: PreferenceDataset's (skip_bad_records, summary, ...)."""
-        conversation = ConversationTokenizer(tokenizer, template, 0, mm_use_im_start_end)
-        self.media = AnyResMedia(anyres, image_processor, conversation.image_ids_for)
+        conversation, self.media = anyres_tokenizing(
+            tokenizer, template, anyres, image_processor, mm_use_im_start_end
+        )
         super().__init__(
             records,
             tokenizer,

@@ -43,7 +43,7 @@ from llava.data.media import is_anyres
 from llava.data.preference import build_preference_data
 from llava.data.processor_preference import IMAGE_INPUTS, build_processor_preference_data
 from llava.model.builder import load_pretrained_model
-from llava.model.kinds import CONNECTOR, VISION, kind_of, unwrap_base
+from llava.model.kinds import CONNECTOR, VISION, unwrap_base
 from llava.model.llava import LlavaForCausalLM
 from llava.train.arguments import (
     DataArguments,
@@ -54,18 +54,19 @@ from llava.train.arguments import (
 )
 from llava.train.dpo_loss import DPO_LOSSES, preference_loss, sequence_log_probs
 from llava.train.preemption import PreemptionCallback
-from llava.train.resume import FINISHED, PUBLISH, publish_checkpoint
 from llava.train.run_folder import lock_output_dir, run_flags
 from llava.train.stages import TRAINS, StagePlan, trainable_table
 from llava.train.train import (
-    barrier,
     check_flags_for_processor_model,
+    check_text_only_steps,
     compute_dtype,
     finish_model,
     list_skipped_records,
+    nothing_left_to_train,
     prepare_model,
     processor_tokenizer,
     run_entry,
+    seed_and_checkpointing,
     stage_plan_of,
     start_run,
     template_of,
@@ -328,17 +329,10 @@ def train_in_locked_folder(model_args, data_args, args, dpo_args):
     plan = stage_plan_of(model_args, args)
     check_reference(plan, dpo_args)
     start = start_run(args, flags, plan)
-    if start.action == FINISHED:
-        return None
-    if start.action == PUBLISH:
-        if args.should_save:
-            publish_checkpoint(start, args.output_dir, flags)
-        barrier()
+    if nothing_left_to_train(start, args, flags):
         return None
 
-    transformers.set_seed(args.seed)
-    if args.gradient_checkpointing and args.gradient_checkpointing_kwargs is None:
-        args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+    seed_and_checkpointing(args)
     model, tokenizer, processor = load_policy(model_args, data_args, dpo_args, args)
     reference = None
     if not plan.lora and not dpo_args.reference_free:
@@ -347,11 +341,7 @@ def train_in_locked_folder(model_args, data_args, args, dpo_args):
     if args.should_log:
         logger.warning("Stage: DPO, %s\n%s", plan.name, trainable_table(model))
     dataset, collator = build_pair_data(model, tokenizer, processor, model_args, data_args, args)
-    if processor is not None:
-        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
-        has_text_only = "text" in dataset.modalities
-        kind_of(model).check_text_only_steps(model, has_text_only, is_deepspeed_zero3_enabled())
+    check_text_only_steps(model, dataset, processor)
     preemption = PreemptionCallback()
     trainer = DPOTrainer(
         model=model,

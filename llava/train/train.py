@@ -334,21 +334,43 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: TrainingAr
             lock.release()
 
 
-def train_in_locked_folder(model_args, data_args, args):
-    flags = run_flags(model_args, data_args, args)
-    plan = stage_plan_of(model_args, args)
-    start = start_run(args, flags, plan)
+def nothing_left_to_train(start: Any, args: TrainingArguments, flags: dict[str, Any]) -> bool:
+    """Whether the run start_run found had already finished, or only needed its last
+    checkpoint published (done here, by the saving rank, the others waiting)."""
     if start.action == FINISHED:
-        return None
+        return True
     if start.action == PUBLISH:
         if args.should_save:
             publish_checkpoint(start, args.output_dir, flags)
         barrier()
-        return None
+        return True
+    return False
 
-    transformers.set_seed(args.seed)  # every rank builds the same fresh projector
+
+def seed_and_checkpointing(args: TrainingArguments) -> None:
+    """The seed every rank builds from; non-reentrant gradient checkpointing by default."""
+    transformers.set_seed(args.seed)
     if args.gradient_checkpointing and args.gradient_checkpointing_kwargs is None:
         args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+
+
+def check_text_only_steps(model: torch.nn.Module, dataset: Any, processor: Any) -> None:
+    """An image-text-to-text model's kind checks that its text-only steps can run (ZeRO-3)."""
+    if processor is not None:
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+        has_text_only = "text" in dataset.modalities
+        kind_of(model).check_text_only_steps(model, has_text_only, is_deepspeed_zero3_enabled())
+
+
+def train_in_locked_folder(model_args, data_args, args):
+    flags = run_flags(model_args, data_args, args)
+    plan = stage_plan_of(model_args, args)
+    start = start_run(args, flags, plan)
+    if nothing_left_to_train(start, args, flags):
+        return None
+
+    seed_and_checkpointing(args)  # every rank builds the same fresh projector
     model, processor = build_model(model_args, args, data_args)
     if processor is None:
         tokenizer = load_tokenizer(model_args.model_name_or_path, args.model_max_length)
@@ -365,11 +387,7 @@ def train_in_locked_folder(model_args, data_args, args):
     train_dataset, validation_dataset, collator = build_data(
         model, tokenizer, model_args, data_args, args, processor
     )
-    if processor is not None:
-        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
-        has_text_only = "text" in train_dataset.modalities
-        kind_of(model).check_text_only_steps(model, has_text_only, is_deepspeed_zero3_enabled())
+    check_text_only_steps(model, train_dataset, processor)
     preemption = PreemptionCallback()
     trainer = build_trainer(
         model,
