@@ -2,11 +2,12 @@
 
 Each medium's token count depends on how it is seen (llava.data.media.AnyRes.media_kinds: an
 image tiled, an image whole, a video) and, when tiled, on its size: read from the file's header
-before any decoding, so lengths, the sampler and cuts are exact. A sample's media are then
-decoded and processed by transformers' image processor of the mode (LlavaNextImageProcessor for
-anyres; LlavaOnevisionImageProcessor for anyres_max_N, which also sees a several-image
-sample's images whole) and, for videos, LlavaOnevisionVideoProcessor, all set up with the
-tower's tile size and normalisation. A sample holds `pixel_values` (every medium's views in
+before any decoding, so lengths, the sampler and cuts are exact (and kept in the length
+cache: a start from it reads no header). A sample's media are then decoded and processed by
+transformers' image processor of the mode (LlavaNextImageProcessor for anyres;
+LlavaOnevisionImageProcessor for anyres_max_N, which also sees a several-image sample's images
+whole) and, for videos, LlavaOnevisionVideoProcessor, all set up with the tower's tile size and
+normalisation. A sample holds `pixel_values` (every medium's views in
 order: base and tiles, one whole image, or a video's frames: (views, 3, H, W)), `image_sizes`
 ((media, 2), height and width; a video's frames') and `media_kinds` ((media,), TILED, WHOLE or
 VIDEO), from which the model finds each medium's layout again.
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from llava.data.dataset import SupervisedDataset
+from llava.data.dataset import RowRecords, SupervisedDataset
 from llava.data.formats import BadRecordError, Record
 from llava.data.images import load_image, read_size
 from llava.data.media import TILED, VIDEO, AnyRes
@@ -156,11 +157,15 @@ def anyres_tokenizing(
 
 class AnyResDataset(SupervisedDataset):
     """Records -> {"input_ids", "labels", "pixel_values" (views, 3, H, W), "image_sizes",
-    "media_kinds"}, each medium's placeholders as many as AnyRes gives its kind and size."""
+    "media_kinds"}, each medium's placeholders as many as AnyRes gives its kind and size.
+
+    Built as SupervisedDataset builds (a list, or RowRecords read by row, shared by forked
+    children, replayed from the length cache); only `add_block`, which reads the image headers,
+    differs, so a start from the cache reads none."""
 
     def __init__(
         self,
-        records: list[Record],
+        records: Sequence[Record] | RowRecords,
         tokenizer: Any,
         template: Any,
         model_max_length: int,

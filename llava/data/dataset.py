@@ -2,10 +2,10 @@
 
 At construction every record is rendered and tokenized once (text only, fast) to learn its
 true length with image placeholders, whether truncation shortens or drops it, and whether any
-supervised token is left; nothing is kept but the record and its length (of a LLaVA .json
-file or tar shards (llava.data.shards), only the row's number: the row is parsed again when
-loaded), and what was found is cached
-next to the data so that a second start, on any rank, tokenizes nothing (llava.data.length_cache).
+supervised token is left; nothing is kept but the record and its length (of a LLaVA .json or
+.jsonl file or tar shards (llava.data.shards), only the row's number: the row is parsed again
+when loaded), and what was found is cached next to the data so that a second start, on any
+rank, tokenizes nothing (llava.data.length_cache).
 Images are decoded only in `__getitem__`. Bad records raise `BadRecordError` naming file, index and id. With
 `skip_bad_records`, those a cheap check finds (format, roles, tags against images, missing image
 files, text the template rejects) are dropped here and counted in the summary line; those found
@@ -17,6 +17,7 @@ listed through `llava.data.skipped` when a `skip_log_dir` is given.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import os
@@ -45,6 +46,7 @@ from llava.data.images import (
 from llava.data.length_cache import (
     CACHE_VERSION,
     CachedBuild,
+    JsonlRecords,
     JsonRecords,
     LengthCache,
     built_once,
@@ -125,7 +127,7 @@ class RowsFound:
 
 
 # Record sources read row by row (a row parsed when its sample is loaded): a LLaVA .json list,
-# tar shards (llava.data.shards).
+# a .jsonl file (JsonlRecords, a JsonRecords), tar shards (llava.data.shards).
 RowRecords = JsonRecords | ShardRecords
 
 
@@ -461,7 +463,8 @@ class RowStore:
 def row_store(
     data_path: str, image_folder: str | None, text_field: str | None, image_field: str | None
 ) -> RowStore | None:
-    """The RowStore of tar shards or a LLaVA .json list; None for data read whole (JSONL, HF)."""
+    """The RowStore of tar shards, a LLaVA .json list or a .jsonl file; None for data read whole
+    (Hugging Face datasets)."""
     if is_shard_path(data_path):
         shards = ShardSet.find(data_path)
         return RowStore(
@@ -470,16 +473,52 @@ def row_store(
             read=lambda: ShardRecords.read(shards, text_field, image_field),
             reopen=lambda cached: ShardRecords(shards, cached.starts, cached.ends, cached.columns),
         )
-    if os.path.isfile(data_path) and data_path.endswith(".json"):
+    if os.path.isfile(data_path) and data_path.endswith((".json", ".jsonl")):
+        reader = JsonlRecords if data_path.endswith(".jsonl") else JsonRecords
         return RowStore(
             identity=data_file_identity(data_path),
             cache_path=data_path,
-            read=lambda: JsonRecords.read(data_path, image_folder, text_field, image_field),
-            reopen=lambda cached: JsonRecords(
+            read=lambda: reader.read(data_path, image_folder, text_field, image_field),
+            reopen=lambda cached: reader(
                 data_path, cached.starts, cached.ends, cached.columns, cached.base_folder
             ),
         )
     return None
+
+
+def length_cache_key(
+    store: RowStore,
+    dataset_class: type,
+    tokenizer: Any,
+    template: ChatTemplate,
+    model_max_length: int,
+    reader: list[Any],
+    images: list[Any],
+    anyres: Any,
+    max_image_pixels: int,
+) -> dict[str, Any]:
+    """Everything a build's result depends on but the image files (llava.data.length_cache).
+
+    `reader`: image folder, text and image fields; `images`: whether there is an image
+    processor, num_image_tokens, mm_use_im_start_end, image_aspect_ratio. An AnyRes dataset's
+    token counts also depend on the AnyRes (pinpoints, merge, cap, tile geometry, video
+    sampling: every field of the dataclass) and on max_image_pixels (a larger image's header
+    makes its record bad); other datasets' keys leave them out, as before."""
+    key = {
+        "version": CACHE_VERSION,
+        "dataset": dataset_class.__qualname__,
+        "data": store.identity,
+        "reader": reader,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "template": repr(template),
+        "images": images,
+        "model_max_length": model_max_length,
+    }
+    if anyres is not None:
+        fields = dataclasses.asdict(anyres)
+        key["anyres"] = {"class": type(anyres).__qualname__, **fields}
+        key["max_image_pixels"] = max_image_pixels
+    return key
 
 
 def load_supervised_dataset(
@@ -506,11 +545,13 @@ def load_supervised_dataset(
     listed there (see llava.data.skipped). `max_image_pixels`: larger images are bad records.
     `anyres` (llava.data.media.AnyRes, the model's, with --image_aspect_ratio anyres): each
     image's tokens and tiles by its size (llava.data.anyres_data.AnyResDataset).
-    `build_workers`: forked processes that share the tokenizing of a large .json list.
+    `build_workers`: forked processes that share the tokenizing of a large row-read source.
 
-    A LLaVA .json list or tar shards (`shards/{000..099}.tar`, llava.data.shards), without
-    anyres, are read row by row and never held as records, and what building found is cached
-    next to them (llava.data.length_cache): a second start, on any rank, tokenizes nothing.
+    A LLaVA .json list, a .jsonl file or tar shards (`shards/{000..099}.tar`,
+    llava.data.shards), with or without anyres, are read row by row and never held as records,
+    and what building found is cached next to them (llava.data.length_cache): a second start,
+    on any rank, tokenizes nothing and (anyres) reads no image header. Hugging Face datasets
+    are read whole and built at every start.
     """
     template = get_template(version)
     check_aspect_ratio(image_aspect_ratio)  # before any file is read
@@ -519,78 +560,48 @@ def load_supervised_dataset(
             f"--image_aspect_ratio {image_aspect_ratio} and the model's "
             f"{'anyres' if anyres is not None else 'fixed-size'} images disagree"
         )
-    options = dict(
-        image_processor=image_processor,
-        image_aspect_ratio=image_aspect_ratio,
-        mm_use_im_start_end=mm_use_im_start_end,
-        skip_bad_records=skip_bad_records,
-        skip_log_dir=skip_log_dir,
-        max_image_pixels=max_image_pixels,
-    )
-    store = None
-    if anyres is None:
-        store = row_store(data_path, image_folder, dataset_text_field, dataset_image_field)
-    if store is not None:
-        key = {
-            "version": CACHE_VERSION,
-            "dataset": SupervisedDataset.__qualname__,
-            "data": store.identity,
-            "reader": [
-                image_folder and os.path.abspath(image_folder),
-                dataset_text_field,
-                dataset_image_field,
-            ],  # fmt: skip
-            "tokenizer": tokenizer_fingerprint(tokenizer),
-            "template": repr(template),
-            "images": [
-                image_processor is not None,
-                num_image_tokens,
-                mm_use_im_start_end,
-                image_aspect_ratio,
-            ],  # fmt: skip
-            "model_max_length": model_max_length,
-        }
-        cache = LengthCache(key, store.cache_path, skip_log_dir)
-
-        def build() -> SupervisedDataset:
-            dataset = SupervisedDataset(
-                store.read(), tokenizer, template, model_max_length,
-                num_image_tokens=num_image_tokens, summary=DataSummary(source=data_path),
-                build_workers=build_workers, **options,
-            )  # fmt: skip
-            if LengthCache.enabled():
-                cache.save(dataset.cached_build())
-            return dataset
-
-        def use(cached: CachedBuild) -> SupervisedDataset:
-            return SupervisedDataset(
-                store.reopen(cached), tokenizer, template, model_max_length,
-                num_image_tokens=num_image_tokens, summary=DataSummary(source=data_path),
-                cached=cached, **options,
-            )  # fmt: skip
-
-        if not LengthCache.enabled():
-            return build()
-        return built_once(cache, build, use)
-    loaded = load_records(
-        data_path, image_folder, dataset_text_field, dataset_image_field, skip_bad_records
-    )
     if anyres is not None:
         from llava.data.anyres_data import AnyResDataset  # it builds on this module
 
         dataset_class, image_inputs = AnyResDataset, {"anyres": anyres}
     else:
         dataset_class, image_inputs = SupervisedDataset, {"num_image_tokens": num_image_tokens}
-    return dataset_class(
-        loaded.records,
-        tokenizer,
-        template,
-        model_max_length,
-        **image_inputs,
-        summary=DataSummary(source=data_path),
-        skipped=loaded.skipped,
-        **options,
-    )
+
+    def dataset(records: Any, **how: Any) -> SupervisedDataset:
+        """`records` built (`how`: skipped, build_workers or cached) with this call's options."""
+        return dataset_class(
+            records, tokenizer, template, model_max_length, **image_inputs,
+            image_processor=image_processor, image_aspect_ratio=image_aspect_ratio,
+            mm_use_im_start_end=mm_use_im_start_end, skip_bad_records=skip_bad_records,
+            skip_log_dir=skip_log_dir, max_image_pixels=max_image_pixels,
+            summary=DataSummary(source=data_path), **how,
+        )  # fmt: skip
+
+    store = row_store(data_path, image_folder, dataset_text_field, dataset_image_field)
+    if store is None:
+        loaded = load_records(
+            data_path, image_folder, dataset_text_field, dataset_image_field, skip_bad_records
+        )
+        return dataset(loaded.records, skipped=loaded.skipped)
+    key = length_cache_key(
+        store, dataset_class, tokenizer, template, model_max_length,
+        reader=[image_folder and os.path.abspath(image_folder), dataset_text_field,
+                dataset_image_field],
+        images=[image_processor is not None, num_image_tokens, mm_use_im_start_end,
+                image_aspect_ratio],
+        anyres=anyres, max_image_pixels=max_image_pixels,
+    )  # fmt: skip
+    cache = LengthCache(key, store.cache_path, skip_log_dir)
+
+    def build() -> SupervisedDataset:
+        built = dataset(store.read(), build_workers=build_workers)
+        if LengthCache.enabled():
+            cache.save(built.cached_build())
+        return built
+
+    if not LengthCache.enabled():
+        return build()
+    return built_once(cache, build, lambda cached: dataset(store.reopen(cached), cached=cached))
 
 
 def split_for_validation(

@@ -389,6 +389,25 @@ def detect_columns(
 
 
 # -- JSON / JSONL -------------------------------------------------------------------------------
+# what jsonl_value raises for a line that is not UTF-8 JSON
+JSONL_LINE_ERRORS = (UnicodeDecodeError, json.JSONDecodeError)
+
+
+def jsonl_value(line: bytes) -> Any:
+    """The JSON value of one line of a .jsonl file (a BOM before it ignored), or one of
+    JSONL_LINE_ERRORS. The whole-file reader and llava.data.length_cache.JsonlRecords both
+    read lines through it and name bad ones with bad_jsonl_line, so the two agree."""
+    return json.loads(line.decode("utf-8-sig"))
+
+
+def bad_jsonl_line(path: str, index: int, number: int, error: ValueError) -> BadRecordError:
+    """The BadRecordError of row `index` (line `number`, from 1) that jsonl_value could not read."""
+    if isinstance(error, UnicodeDecodeError):
+        return BadRecordError(path, index, f"line {number} is not UTF-8 text: {error}")
+    reason = f"invalid JSON on line {number}: {error.msg} (column {error.colno})"
+    return BadRecordError(path, index, reason)
+
+
 def read_jsonl_rows(path: str) -> Iterator[tuple[int, Any]]:
     """(index, row) per non-blank line; a line that is not UTF-8 JSON comes as a BadRecordError."""
     with open(path, "rb") as f:
@@ -397,12 +416,9 @@ def read_jsonl_rows(path: str) -> Iterator[tuple[int, Any]]:
         raise DataFileError(path, "no records (the file is empty)")
     for index, (number, line) in enumerate(lines):
         try:
-            yield index, json.loads(line.decode("utf-8-sig"))
-        except UnicodeDecodeError as error:
-            yield index, BadRecordError(path, index, f"line {number} is not UTF-8 text: {error}")
-        except json.JSONDecodeError as error:
-            reason = f"invalid JSON on line {number}: {error.msg} (column {error.colno})"
-            yield index, BadRecordError(path, index, reason)
+            yield index, jsonl_value(line)
+        except JSONL_LINE_ERRORS as error:
+            yield index, bad_jsonl_line(path, index, number, error)
 
 
 def read_json_list(path: str) -> list[Any]:

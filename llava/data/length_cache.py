@@ -1,17 +1,22 @@
-"""Start-up at scale: a JSON file's rows kept as byte ranges, and a cache of what building found.
+"""Start-up at scale: a JSON or JSONL file's rows kept as byte ranges, and a cache of what
+building found.
 
 `JsonRecords` reads a LLaVA .json list once, streaming, for the byte range of each row (nothing
-of a row is kept); a row is read again (`os.pread`) and parsed into a `Record` only when a sample
-is loaded, so no rank or loader worker holds a Python object tree per record.
+of a row is kept); `JsonlRecords` does the same for a .jsonl file, a row per non-blank line
+(newlines found in large binary reads). A row is read again (`os.pread`) and parsed into a
+`Record` only when a sample is loaded, so no rank or loader worker holds a Python object tree
+per record. Either gives the same records and bad-record errors as formats' whole-file readers.
 
 `LengthCache` stores what building the dataset found per record (its length and images kept,
 or why it was dropped or bad) and the rows' byte ranges, in one `.npz` file next to the data
 (`<data>.lengths-<key>.npz`; elsewhere when that folder is read-only). Its key hashes everything
 the result depends on: the data file (path, size, modification time), the reader's options,
 the tokenizer (its whole serialized state), the template, the image tokens, model_max_length
-and the image mode. A changed input gives another key, so a stale cache is never read; the key
-is also stored inside and compared. Image files are not part of the key: after fixing a missing
-or broken image, delete the cache (or touch the data file).
+and the image mode; for an AnyRes dataset (llava.data.anyres_data) also every AnyRes setting
+and max_image_pixels, so a start from the cache reads no image header either. A changed input
+gives another key, so a stale cache is never read; the key is also stored inside and compared.
+Image files are not part of the key: after fixing a missing or broken image (or, with AnyRes,
+replacing one by an image of another size), delete the cache (or touch the data file).
 
 With several ranks (torch.distributed initialized), rank 0 builds and writes the cache while the
 others wait at a barrier and then read it; one that cannot see the file (no shared disk) builds
@@ -35,19 +40,23 @@ from typing import Any, TypeVar
 import numpy as np
 
 from llava.data.formats import (
+    JSONL_LINE_ERRORS,
     BadRecordError,
     Columns,
     DataFileError,
     Record,
+    bad_jsonl_line,
     detect_columns,
     json_row_record,
+    jsonl_value,
     read_json_list,
 )
 
 logger = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
-WINDOW_BYTES = 64 << 20  # the JSON is scanned this many bytes at a time
+WINDOW_BYTES = 64 << 20  # a JSON or JSONL file is scanned this many bytes at a time
+NEWLINE = ord("\n")
 WHITESPACE = re.compile(r"[ \t\n\r]*")
 T = TypeVar("T")
 
@@ -70,6 +79,19 @@ class RowScan:
             self.first = self.first if self.first is not None else row
             if self.sample is None and (row.get(text_field or "") or row.get("messages")):
                 self.sample = row
+
+    def ranges(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.frombuffer(self.starts, np.int64), np.frombuffer(self.ends, np.int64)
+
+    def columns(self, path: str, text_field: str | None, image_field: str | None) -> Columns | None:
+        """The rows' layout as formats.json_columns finds it from the whole file (None when no
+        row is an object); one it cannot tell is formats' DataFileError."""
+        if self.first is None:
+            return None
+        try:
+            return detect_columns(self.keys, self.sample or self.first, text_field, image_field)
+        except ValueError as error:
+            raise DataFileError(path, str(error)) from None
 
 
 class TextWindow:
@@ -164,7 +186,8 @@ def scan_json_list(path: str, text_field: str | None) -> RowScan | None:
 
 class RowReader:
     """Records read one row at a time: `item(row)` gives a Record or the reader's
-    BadRecordError; subclasses say how (JsonRecords here, llava.data.shards.ShardRecords)."""
+    BadRecordError; subclasses say how (JsonRecords and JsonlRecords here,
+    llava.data.shards.ShardRecords)."""
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -214,17 +237,8 @@ class JsonRecords(RowReader):
         if scan is None:
             read_json_list(path)  # raises the reader's own error, naming the file
             raise DataFileError(path, "cannot be read as a JSON list of records")
-        columns = None
-        if scan.first is not None:
-            try:
-                columns = detect_columns(
-                    scan.keys, scan.sample or scan.first, text_field, image_field
-                )
-            except ValueError as error:
-                raise DataFileError(path, str(error)) from None
-        base_folder = image_folder or os.path.dirname(os.path.abspath(path))
-        return cls(path, np.frombuffer(scan.starts, np.int64), np.frombuffer(scan.ends, np.int64),
-                   columns, base_folder)  # fmt: skip
+        return cls(path, *scan.ranges(), scan.columns(path, text_field, image_field),
+                   image_folder or os.path.dirname(os.path.abspath(path)))  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -246,6 +260,103 @@ class JsonRecords(RowReader):
     def __del__(self):
         if self.fd is not None and self.fd_pid == os.getpid():
             os.close(self.fd)
+
+
+# -- a JSONL file as byte ranges ------------------------------------------------------------------
+def file_lines(path: str) -> Iterator[tuple[int, int, bytes]]:
+    """(number from 1, byte offset, bytes) of each line of a file, its newline included, as
+    Python iterates a binary file; the newlines are found in reads of WINDOW_BYTES."""
+    number, offset, rest = 0, 0, b""  # rest: the start of a line the last read cut
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(WINDOW_BYTES)
+            data = rest + chunk
+            cuts = (np.flatnonzero(np.frombuffer(data, np.uint8) == NEWLINE) + 1).tolist()
+            if not chunk and (cuts[-1] if cuts else 0) < len(data):
+                cuts.append(len(data))  # the last line, without a newline
+            start = 0
+            for end in cuts:
+                number += 1
+                yield number, offset + start, data[start:end]
+                start = end
+            if not chunk:
+                return
+            rest, offset = data[start:], offset + start
+
+
+def scan_jsonl(path: str, text_field: str | None) -> tuple[RowScan, array]:
+    """(the rows, each row's line number) of a JSONL file: a row per non-blank line (as
+    formats.read_jsonl_rows counts them), the keys from those that parse as objects."""
+    scan, numbers = RowScan(), array("q")
+    for number, offset, line in file_lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = jsonl_value(line)
+        except JSONL_LINE_ERRORS:
+            row = None  # a bad record, named when the row is read
+        scan.add(row, offset, offset + len(line), text_field)
+        numbers.append(number)
+    return scan, numbers
+
+
+class JsonlRecords(JsonRecords):
+    """The non-blank lines of a .jsonl file as byte ranges (each with its newline, as the
+    whole-file reader reads it); `record(row)` reads and parses one, a line that is no UTF-8
+    JSON is the BadRecordError formats.read_jsonl_rows gives it (same message, same line).
+
+    `numbers`: each row's line number, known from the scan; a reader reopened from the length
+    cache has none and counts newlines for the rare bad line it reads (a warm start reads none:
+    its bad records come from the cache)."""
+
+    def __init__(
+        self,
+        path: str,
+        starts: np.ndarray,
+        ends: np.ndarray,
+        columns: Columns | None,
+        base_folder: str,
+        numbers: np.ndarray | None = None,
+    ):
+        super().__init__(path, starts, ends, columns, base_folder)
+        self.numbers = None if numbers is None else np.asarray(numbers, dtype=np.int64)
+
+    @classmethod
+    def read(
+        cls,
+        path: str,
+        image_folder: str | None = None,
+        text_field: str | None = None,
+        image_field: str | None = None,
+    ) -> JsonlRecords:
+        """Scan a .jsonl file; one without a non-blank line raises formats' DataFileError."""
+        scan, numbers = scan_jsonl(path, text_field)
+        if not scan.starts:
+            raise DataFileError(path, "no records (the file is empty)")
+        return cls(path, *scan.ranges(), scan.columns(path, text_field, image_field),
+                   image_folder or os.path.dirname(os.path.abspath(path)),
+                   np.frombuffer(numbers, np.int64))  # fmt: skip
+
+    def line_number(self, row: int) -> int:
+        """Row `row`'s line number, from 1 (the file is open: `raw` read the row)."""
+        if self.numbers is not None:
+            return int(self.numbers[row])
+        before, offset, end = 0, 0, int(self.starts[row])
+        while offset < end:
+            chunk = os.pread(self.fd, min(WINDOW_BYTES, end - offset), offset)
+            if not chunk:
+                break  # the file shrank: the cache key would have changed
+            before, offset = before + chunk.count(b"\n"), offset + len(chunk)
+        return before + 1
+
+    def item(self, row: int) -> Record | BadRecordError:
+        """Row `row` as a Record, or the BadRecordError the whole-file reader gives it."""
+        line = self.raw(row)
+        try:
+            value = jsonl_value(line)
+        except JSONL_LINE_ERRORS as error:
+            return bad_jsonl_line(self.path, row, self.line_number(row), error)
+        return json_row_record(value, row, self.columns, self.path, self.base_folder)
 
 
 # -- the cache ------------------------------------------------------------------------------------
