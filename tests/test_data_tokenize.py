@@ -206,3 +206,21 @@ def test_vicuna_sample_layout(tokenizers):
     assert after_image.strip(" ") == "\nWhat is in the picture? ASSISTANT:"
     # text after an image starts fresh, with the dummy prefix, as in LLaVA: [-200, 29871, 13, ...]
     assert tokenizer.convert_ids_to_tokens(ids[start + 2 : start + 4]) == ["▁", "<0x0A>"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+def test_conversations_encoded_together_equal_each_alone_and_repeats_are_encoded_once(
+    tokenizers, variant
+):
+    """A block repeats chunks (the system prompt, short answers): each distinct chunk goes to
+    the tokenizer once, and every conversation gets the ids it gets alone."""
+    conversation = ConversationTokenizer(tokenizers[variant], "vicuna_v1", NUM_IMAGE_TOKENS)
+    short = [Turn("user", "<image>\nIs it red?"), Turn("assistant", "Yes")]
+    block = [TURNS, short, TURNS, short, short[:1] + [Turn("assistant", "No")]]
+    sent = []
+    encode_raw = conversation.encoder.encode_raw
+    conversation.encoder.encode_raw = lambda texts: sent.append(list(texts)) or encode_raw(texts)
+    together = conversation.encode_many(block)
+    assert len(sent) == 1 and len(sent[0]) == len(set(sent[0]))
+    for turns, encoded in zip(block, together):
+        assert encoded == conversation.encode(turns)

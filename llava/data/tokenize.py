@@ -130,19 +130,24 @@ class TextEncoder:
         raise ValueError(f"cannot encode {text!r} in mid-sequence with this tokenizer")
 
     def encode_chunks(self, chunks: list[tuple[str, bool]]) -> list[list[int]]:
-        """Ids of plain-text chunks; `fresh` chunks start a text, the others continue one."""
+        """Ids of plain-text chunks; `fresh` chunks start a text, the others continue one.
+
+        Equal chunks are encoded once (a block's records repeat the system prompt and short
+        answers); each gets its own list."""
+        distinct = list(dict.fromkeys(chunks))
         anchor, anchor_ids = ANCHORS[0], self.anchor_ids[ANCHORS[0]]
-        texts = [text if fresh else anchor + text for text, fresh in chunks]
-        encoded = self.encode_raw(texts)
-        result = []
-        for (text, fresh), ids in zip(chunks, encoded):
+        texts = [text if fresh else anchor + text for text, fresh in distinct]
+        found = {}
+        for (text, fresh), ids in zip(distinct, self.encode_raw(texts)):
             if fresh:
-                result.append(ids)
+                found[text, fresh] = ids
             elif ids[: len(anchor_ids)] == anchor_ids:
-                result.append(ids[len(anchor_ids) :])
+                found[text, fresh] = ids[len(anchor_ids) :]
             else:
-                result.append(self.encode_behind_anchor(text))
-        return result
+                found[text, fresh] = self.encode_behind_anchor(text)
+        if len(distinct) == len(chunks):
+            return [found[chunk] for chunk in chunks]
+        return [list(found[chunk]) for chunk in chunks]
 
 
 class ConversationTokenizer:
