@@ -197,3 +197,31 @@ def test_7b_dry_run_prints_shapes_and_flops():
     assert "576 image tokens" in out
     for stage in ("pretrain", "finetune", "lora"):
         assert f"| {stage} |" in out
+
+
+def test_feature_cache_bench_matches_losses_and_bounds_the_speedup_by_the_towers_flops(tmp_path):
+    """Both runs give the same losses; the tower's FLOPs it reports are the tiny CLIP's forward
+    per image (2 layers of width 32 over 16 patches and CLS), so the bound is 1 / (1 - share)."""
+    from llava.train.throughput import TowerShape
+
+    saved = tmp_path / "result.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "llava.bench.feature_cache_bench", "--config", "tiny",
+         "--steps", "1", "--warmup", "1", "--rounds", "1", "--workdir", str(tmp_path / "work"),
+         "--save-json", str(saved)],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    results = json.loads(saved.read_text())
+    summary, runs = results["summary"], results["runs"]
+    assert summary["losses_agree"] and [run["system"] for run in runs] == ["pixels", "cached"]
+    pixels = runs[0]
+    per_image = TowerShape(2, 32, 64, 8, 16, 17, 16).forward_flops()
+    assert pixels["tower_flops"] == pytest.approx(pixels["samples"] * per_image)  # stage 1: 1 each
+    assert 0 < summary["tower_flop_share"] < 1
+    assert summary["tower_flop_share"] == pytest.approx(
+        pixels["tower_flops"] / pixels["model_flops"]
+    )
+    assert summary["flop_bound"] == pytest.approx(1 / (1 - summary["tower_flop_share"]))
+    assert runs[1]["tower_flops"] == 0  # the cached run's images are features
+    assert "bounds the speed-up at" in result.stdout

@@ -121,7 +121,8 @@ def worker_main(args: argparse.Namespace) -> None:
     cached = args.worker == "cached"
     make_trainer = build(args.workdir, config, cached, options_of(args), losses)
     trainer, seconds, peak, _ = timed_train(make_trainer, args.warmup, args.steps, config.device)
-    stats = trainer.throughput_callback().meter.totals()
+    meter = trainer.throughput_callback().meter
+    stats = meter.totals()
     result = {
         "system": args.worker,
         "seconds": seconds,
@@ -129,8 +130,29 @@ def worker_main(args: argparse.Namespace) -> None:
         "samples_per_second": stats["samples"] / seconds,
         "peak_memory_mib": peak / 2**20,
         "losses": [float(loss) for loss in losses],
+        **tower_flops(meter.flop_model, stats),
     }
     print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def tower_flops(flop_model, stats: dict) -> dict:
+    """The run's model FLOPs (llava.train.throughput's FlopModel) and the frozen tower's part
+    of them: what a feature cache can take away from the step's compute."""
+    if flop_model is None:
+        return {}
+    tower = flop_model.image_flops - flop_model.cached_image_flops
+    return {"model_flops": flop_model.step_flops(stats), "tower_flops": stats["images"] * tower}
+
+
+def flop_bound(runs: list[dict]) -> dict:
+    """The tower's share of the pixel runs' model FLOPs and the speed-up skipping it alone can
+    give where step time follows FLOPs (Amdahl): 1 / (1 - share). What the cache gains beyond
+    that is image decoding and preprocessing."""
+    pixels = [run for run in runs if run["system"] == "pixels" and run.get("model_flops")]
+    if not pixels:
+        return {}
+    share = statistics.median(run["tower_flops"] / run["model_flops"] for run in pixels)
+    return {"tower_flop_share": share, "flop_bound": 1 / (1 - share)}
 
 
 # -- the side-by-side measurement ----------------------------------------------------------------
@@ -208,6 +230,7 @@ def summarise(runs: list[dict], cache_seconds: float, args: argparse.Namespace) 
             abs(a - b) / abs(b) for run in runs for a, b in zip(run["losses"], runs[0]["losses"])
         ),
         "cache_seconds": cache_seconds,
+        **flop_bound(runs),
     }
 
 
@@ -248,6 +271,12 @@ def main(argv: list[str] | None = None) -> None:
         f"{summary['max_relative_loss_difference']:.1e}); the cache took "
         f"{cache_seconds:.1f} s to write"
     )
+    if "flop_bound" in summary:
+        print(
+            f"  the tower is {100 * summary['tower_flop_share']:.1f}% of the pixel runs' model "
+            f"FLOPs: skipping it alone bounds the speed-up at {summary['flop_bound']:.2f}x where "
+            "time follows FLOPs (more comes from not decoding images)"
+        )
     if not summary["losses_agree"]:
         sys.exit(1)
 
