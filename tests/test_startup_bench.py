@@ -33,3 +33,28 @@ def test_the_command_runs_two_ranks_cold_then_from_the_cache(tmp_path):
     assert {result["samples"] for _, result in rows} == {2000}
     assert all(result["first_batch_s"] >= result["ready_s"] > 0 for _, result in rows)
     assert len(glob.glob(str(tmp_path / "mix2000.json.lengths-*.npz"))) == 1
+
+
+def test_the_shards_hold_the_mixtures_records(tmp_path):
+    from llava.bench.startup import write_shards
+    from llava.data.shards import ShardRecords, ShardSet
+
+    rows = json.load(open(write_mixture(str(tmp_path), 700)))
+    pattern = write_shards(str(tmp_path), 700, per_shard=300)
+    assert pattern.endswith("mix700-shards/{00000..00002}.tar")
+    records = ShardRecords.read(ShardSet.find(pattern), None, None)
+    assert len(records) == 700
+    for index in (0, 299, 300, 699):  # each shard's first and last
+        record = records.record(index)
+        assert record.id == rows[index]["id"]
+        assert [turn.text for turn in record.turns] == [
+            turn["value"] for turn in rows[index]["conversations"]
+        ]
+        assert len(record.images) == int("image" in rows[index])
+
+
+def test_the_command_builds_shards_cold_then_from_the_cache(tmp_path):
+    rows = main(["--records", "400", "--ranks", "1", "--workers", "0", "--format", "shards",
+                 "--workdir", str(tmp_path)])  # fmt: skip
+    assert [(start, result["samples"]) for start, result in rows] == [("cold", 400), ("warm", 400)]
+    assert len(glob.glob(str(tmp_path / "mix400-shards" / "*.lengths-*.npz"))) == 1

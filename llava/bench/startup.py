@@ -2,6 +2,7 @@
 
     python -m llava.bench.startup --records 665000 --ranks 1
     python -m llava.bench.startup --records 665000 --ranks 2
+    python -m llava.bench.startup --records 665000 --ranks 1 --format shards
 
 Writes once (into --workdir) a synthetic JSON shaped like LLaVA-1.5's 665K mixture: 94% image
 records of 1-4 turns, 6% text-only ones (ShareGPT-like, longer answers); questions of 10-40
@@ -10,6 +11,8 @@ tokenized by a 32K word-level fast tokenizer (one token a word; Llama's sentence
 1.3 a word and is slower per token). Records point at a few hundred small JPEGs, which exist
 because the reader checks every image path; at start-up nothing else of an image is read in
 this mode (`pad`, LLaVA-1.5's): AnyRes and processor models read each image's header there.
+`--format shards` writes the same records as webdataset tar shards of SHARD_RECORDS samples
+(`KEY.json`, `KEY.jpg`) and builds from `--data_path 'mix665000-shards/{00000..00132}.tar'`.
 
 Then it starts `--ranks` fresh processes (a gloo process group when more than one), each of
 which builds the data as `llava.train.train.build_data` does (v1 template, 576 image tokens,
@@ -38,6 +41,8 @@ NUM_IMAGES = 256  # distinct JPEG files the records point at
 VOCAB_SIZE = 32000
 TEXT_ONLY_FRACTION = 0.06  # ShareGPT's 40K of 665K
 BATCH_SIZE = 16  # LLaVA-1.5's per-device batch
+SHARD_RECORDS = 5000  # records per tar shard with --format shards
+FORMATS = ("json", "shards")
 
 
 # -- data -----------------------------------------------------------------------------------------
@@ -108,7 +113,56 @@ def write_mixture(folder: str, count: int, seed: int = 0) -> str:
     return path
 
 
+def write_shards(folder: str, count: int, per_shard: int = SHARD_RECORDS) -> str:
+    """The same mixture as webdataset tar shards (`KEY.json`, and `KEY.jpg` for an image
+    record), written once per count; returns the shard pattern (`.../{00000..00132}.tar`).
+    Each image member is one of NUM_IMAGES small JPEGs: start-up reads only tar headers, so
+    their size changes nothing measured here but the disk the shards take."""
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    shards = os.path.join(folder, f"mix{count}-shards")
+    last = (count - 1) // per_shard
+    width = max(5, len(str(last)))
+    pattern = os.path.join(shards, f"{{{0:0{width}d}..{last:0{width}d}}}.tar")
+    done = os.path.join(shards, "complete")
+    if os.path.exists(done):
+        return pattern
+    os.makedirs(shards, exist_ok=True)
+    rng = np.random.default_rng(0)
+    jpegs = []
+    for _ in range(NUM_IMAGES):
+        buffer = io.BytesIO()
+        pixels = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+        Image.fromarray(pixels).resize((64, 48)).save(buffer, format="JPEG", quality=85)
+        jpegs.append(buffer.getvalue())
+    words = Words(0, num_words=min(2_000_000, 100_000 + 300 * count))
+
+    def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    for shard in range(last + 1):
+        path = os.path.join(shards, f"{shard:0{width}d}.tar")
+        with tarfile.open(path + ".part", "w", format=tarfile.USTAR_FORMAT) as tar:
+            for index in range(shard * per_shard, min(count, (shard + 1) * per_shard)):
+                record = mixture_record(index, words)
+                key = record["id"]
+                add(tar, f"{key}.json", json.dumps(record).encode())
+                if "image" in record:
+                    add(tar, f"{key}.jpg", jpegs[index % NUM_IMAGES])
+        os.replace(path + ".part", path)
+    open(done, "w").close()
+    return pattern
+
+
 def remove_length_caches(data_path: str) -> None:
+    """The length caches of a .json file or of a shard pattern (named after it in the first
+    shard's folder)."""
     for path in glob.glob(glob.escape(data_path) + ".lengths-*"):
         os.remove(path)
 
@@ -261,12 +315,24 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2, help="data loader workers per rank")
     parser.add_argument("--workdir", default="/tmp/llava-startup-bench")
     parser.add_argument("--starts", default="cold,warm", help="cold: no length cache first")
+    parser.add_argument(
+        "--format", choices=FORMATS, default="json", help="one .json list, or tar shards"
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--world", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--data-path", help=argparse.SUPPRESS)
     parser.add_argument("--started", type=float, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
+
+
+def data_size(data_path: str) -> int:
+    """Bytes of a .json file or of every shard a pattern names."""
+    from llava.data.shards import ShardSet, is_shard_path
+
+    if is_shard_path(data_path):
+        return sum(ShardSet.find(data_path).sizes)
+    return os.path.getsize(data_path)
 
 
 def main(argv: list[str] | None = None) -> list[tuple[str, dict]]:
@@ -276,8 +342,10 @@ def main(argv: list[str] | None = None) -> list[tuple[str, dict]]:
         return []
     os.makedirs(args.workdir, exist_ok=True)
     began = time.time()
-    data_path = write_mixture(args.workdir, args.records)
-    size_mib = os.path.getsize(data_path) / 2**20
+    data_path = write_mixture(args.workdir, args.records)  # the images the .json names
+    if args.format == "shards":
+        data_path = write_shards(args.workdir, args.records)
+    size_mib = data_size(data_path) / 2**20
     print(f"data: {data_path} ({size_mib:.0f} MiB; written in {time.time() - began:.0f} s)")
     rows = []
     for start in args.starts.split(","):
