@@ -58,3 +58,11 @@ def test_the_command_builds_shards_cold_then_from_the_cache(tmp_path):
                  "--workdir", str(tmp_path)])  # fmt: skip
     assert [(start, result["samples"]) for start, result in rows] == [("cold", 400), ("warm", 400)]
     assert len(glob.glob(str(tmp_path / "mix400-shards" / "*.lengths-*.npz"))) == 1
+
+
+def test_the_jsonl_holds_the_mixtures_rows(tmp_path):
+    from llava.bench.startup import write_jsonl
+
+    path = write_mixture(str(tmp_path), 300)
+    lines = open(write_jsonl(path)).read().splitlines()
+    assert [json.loads(line) for line in lines] == json.load(open(path))

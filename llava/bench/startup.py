@@ -2,7 +2,7 @@
 
     python -m llava.bench.startup --records 665000 --ranks 1
     python -m llava.bench.startup --records 665000 --ranks 2
-    python -m llava.bench.startup --records 665000 --ranks 1 --format shards
+    python -m llava.bench.startup --records 665000 --ranks 1 --format shards   # or jsonl
 
 Writes once (into --workdir) a synthetic JSON shaped like LLaVA-1.5's 665K mixture: 94% image
 records of 1-4 turns, 6% text-only ones (ShareGPT-like, longer answers); questions of 10-40
@@ -11,8 +11,9 @@ tokenized by a 32K word-level fast tokenizer (one token a word; Llama's sentence
 1.3 a word and is slower per token). Records point at a few hundred small JPEGs, which exist
 because the reader checks every image path; at start-up nothing else of an image is read in
 this mode (`pad`, LLaVA-1.5's): AnyRes and processor models read each image's header there.
-`--format shards` writes the same records as webdataset tar shards of SHARD_RECORDS samples
-(`KEY.json`, `KEY.jpg`) and builds from `--data_path 'mix665000-shards/{00000..00132}.tar'`.
+`--format jsonl` writes the same rows one a line; `--format shards` as webdataset tar shards
+of SHARD_RECORDS samples (`KEY.json`, `KEY.jpg`), built from
+`--data_path 'mix665000-shards/{00000..00132}.tar'`.
 
 Then it starts `--ranks` fresh processes (a gloo process group when more than one), each of
 which builds the data as `llava.train.train.build_data` does (v1 template, 576 image tokens,
@@ -42,7 +43,7 @@ VOCAB_SIZE = 32000
 TEXT_ONLY_FRACTION = 0.06  # ShareGPT's 40K of 665K
 BATCH_SIZE = 16  # LLaVA-1.5's per-device batch
 SHARD_RECORDS = 5000  # records per tar shard with --format shards
-FORMATS = ("json", "shards")
+FORMATS = ("json", "jsonl", "shards")
 
 
 # -- data -----------------------------------------------------------------------------------------
@@ -109,6 +110,20 @@ def write_mixture(folder: str, count: int, seed: int = 0) -> str:
         for index in range(count):
             f.write(("" if index == 0 else ",\n") + json.dumps(mixture_record(index, words)))
         f.write("\n]\n")
+    os.replace(path + ".part", path)
+    return path
+
+
+def write_jsonl(json_path: str) -> str:
+    """The mixture's rows as a .jsonl file beside its .json (written once); returns its path."""
+    path = json_path[: -len(".json")] + ".jsonl"
+    if os.path.exists(path):
+        return path
+    with open(json_path) as rows, open(path + ".part", "w") as f:
+        for line in rows:  # write_mixture puts one row on each line between "[" and "]"
+            row = line.strip().rstrip(",")
+            if row not in ("[", "]", ""):
+                f.write(row + "\n")
     os.replace(path + ".part", path)
     return path
 
@@ -316,7 +331,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workdir", default="/tmp/llava-startup-bench")
     parser.add_argument("--starts", default="cold,warm", help="cold: no length cache first")
     parser.add_argument(
-        "--format", choices=FORMATS, default="json", help="one .json list, or tar shards"
+        "--format", choices=FORMATS, default="json", help="a .json list, .jsonl or tar shards"
     )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--rank", type=int, help=argparse.SUPPRESS)
@@ -343,6 +358,8 @@ def main(argv: list[str] | None = None) -> list[tuple[str, dict]]:
     os.makedirs(args.workdir, exist_ok=True)
     began = time.time()
     data_path = write_mixture(args.workdir, args.records)  # the images the .json names
+    if args.format == "jsonl":
+        data_path = write_jsonl(data_path)
     if args.format == "shards":
         data_path = write_shards(args.workdir, args.records)
     size_mib = data_size(data_path) / 2**20
