@@ -17,8 +17,23 @@ from tests.fixtures.training import *  # noqa: F403
 DEEPSPEED_SHM_BUFFERS = "/dev/shm/deepspeed_allreduce_buffer_*"
 
 
+def mapped_shm_buffers() -> set[str]:
+    """The buffers some live process maps. A rank maps its own buffer when it creates it and
+    then waits for its peers' files: removing a mapped one (another test session's, or a
+    training run's on the same machine) leaves a peer waiting for it forever."""
+    mapped = set()
+    prefix = DEEPSPEED_SHM_BUFFERS.removesuffix("*")
+    for maps in glob.glob("/proc/[0-9]*/maps"):
+        with contextlib.suppress(OSError):  # the process ended, or is not ours to read
+            with open(maps) as f:
+                mapped.update(line.split()[-1] for line in f if prefix in line)
+    return mapped
+
+
 def remove_new_shm_buffers(before: set[str]) -> None:
-    for path in set(glob.glob(DEEPSPEED_SHM_BUFFERS)) - before:
+    """Buffers made since `before` that no live process maps (their runs have ended)."""
+    new = set(glob.glob(DEEPSPEED_SHM_BUFFERS)) - before
+    for path in new - mapped_shm_buffers() if new else ():
         with contextlib.suppress(OSError):
             os.remove(path)
 
