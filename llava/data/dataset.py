@@ -51,6 +51,7 @@ from llava.data.length_cache import (
     LengthCache,
     built_once,
     data_file_identity,
+    processor_fingerprint,
     tokenizer_fingerprint,
 )
 from llava.data.media import is_anyres
@@ -496,14 +497,17 @@ def length_cache_key(
     images: list[Any],
     anyres: Any,
     max_image_pixels: int,
+    processor: Any = None,
 ) -> dict[str, Any]:
     """Everything a build's result depends on but the image files (llava.data.length_cache).
 
     `reader`: image folder, text and image fields; `images`: whether there is an image
     processor, num_image_tokens, mm_use_im_start_end, image_aspect_ratio. An AnyRes dataset's
     token counts also depend on the AnyRes (pinpoints, merge, cap, tile geometry, video
-    sampling: every field of the dataclass) and on max_image_pixels (a larger image's header
-    makes its record bad); other datasets' keys leave them out, as before."""
+    sampling: every field of the dataclass), a processor dataset's (llava.data.processor_media)
+    on the processor (`processor_fingerprint`: its class, chat template, image processor and
+    own settings); both also on max_image_pixels (a larger image's header makes its record
+    bad). Other datasets' keys leave these out, as before."""
     key = {
         "version": CACHE_VERSION,
         "dataset": dataset_class.__qualname__,
@@ -517,8 +521,54 @@ def length_cache_key(
     if anyres is not None:
         fields = dataclasses.asdict(anyres)
         key["anyres"] = {"class": type(anyres).__qualname__, **fields}
+    if processor is not None:
+        key["processor"] = processor_fingerprint(processor)
+    if anyres is not None or processor is not None:
         key["max_image_pixels"] = max_image_pixels
     return key
+
+
+# (records, **how) -> a dataset of them, `how` being `skipped=`, `build_workers=` or `cached=`
+DatasetOf = Callable[..., SupervisedDataset]
+# (the data's RowStore, the reader's options) -> the length cache key of a build
+CacheKeyOf = Callable[[RowStore, list[Any]], dict[str, Any]]
+
+
+def load_rows_once(
+    data_path: str,
+    image_folder: str | None,
+    text_field: str | None,
+    image_field: str | None,
+    skip_bad_records: bool,
+    skip_log_dir: str | None,
+    build_workers: int,
+    dataset: DatasetOf,
+    cache_key: CacheKeyOf,
+) -> SupervisedDataset:
+    """`dataset` of a data path's records, built once for every start and rank where the data is
+    read row by row (`row_store`), else from the records read whole.
+
+    Shared by load_supervised_dataset and the processor models' loader
+    (llava.data.processor_media), so both get the same row-by-row reading, forked first build
+    (`build_workers`) and length cache (llava.data.length_cache): the cache is keyed by
+    `cache_key(store, reader options)`; a start that finds it tokenizes nothing and reads no
+    image header."""
+    store = row_store(data_path, image_folder, text_field, image_field)
+    if store is None:
+        loaded = load_records(data_path, image_folder, text_field, image_field, skip_bad_records)
+        return dataset(loaded.records, skipped=loaded.skipped)
+    reader = [image_folder and os.path.abspath(image_folder), text_field, image_field]
+    cache = LengthCache(cache_key(store, reader), store.cache_path, skip_log_dir)
+
+    def build() -> SupervisedDataset:
+        built = dataset(store.read(), build_workers=build_workers)
+        if LengthCache.enabled():
+            cache.save(built.cached_build())
+        return built
+
+    if not LengthCache.enabled():
+        return build()
+    return built_once(cache, build, lambda cached: dataset(store.reopen(cached), cached=cached))
 
 
 def load_supervised_dataset(
@@ -551,7 +601,7 @@ def load_supervised_dataset(
     llava.data.shards), with or without anyres, are read row by row and never held as records,
     and what building found is cached next to them (llava.data.length_cache): a second start,
     on any rank, tokenizes nothing and (anyres) reads no image header. Hugging Face datasets
-    are read whole and built at every start.
+    are read whole and built at every start (`load_rows_once`).
     """
     template = get_template(version)
     check_aspect_ratio(image_aspect_ratio)  # before any file is read
@@ -577,31 +627,18 @@ def load_supervised_dataset(
             summary=DataSummary(source=data_path), **how,
         )  # fmt: skip
 
-    store = row_store(data_path, image_folder, dataset_text_field, dataset_image_field)
-    if store is None:
-        loaded = load_records(
-            data_path, image_folder, dataset_text_field, dataset_image_field, skip_bad_records
-        )
-        return dataset(loaded.records, skipped=loaded.skipped)
-    key = length_cache_key(
-        store, dataset_class, tokenizer, template, model_max_length,
-        reader=[image_folder and os.path.abspath(image_folder), dataset_text_field,
-                dataset_image_field],
-        images=[image_processor is not None, num_image_tokens, mm_use_im_start_end,
-                image_aspect_ratio],
-        anyres=anyres, max_image_pixels=max_image_pixels,
+    def cache_key(store: RowStore, reader: list[Any]) -> dict[str, Any]:
+        return length_cache_key(
+            store, dataset_class, tokenizer, template, model_max_length, reader,
+            images=[image_processor is not None, num_image_tokens, mm_use_im_start_end,
+                    image_aspect_ratio],
+            anyres=anyres, max_image_pixels=max_image_pixels,
+        )  # fmt: skip
+
+    return load_rows_once(
+        data_path, image_folder, dataset_text_field, dataset_image_field, skip_bad_records,
+        skip_log_dir, build_workers, dataset, cache_key,
     )  # fmt: skip
-    cache = LengthCache(key, store.cache_path, skip_log_dir)
-
-    def build() -> SupervisedDataset:
-        built = dataset(store.read(), build_workers=build_workers)
-        if LengthCache.enabled():
-            cache.save(built.cached_build())
-        return built
-
-    if not LengthCache.enabled():
-        return build()
-    return built_once(cache, build, lambda cached: dataset(store.reopen(cached), cached=cached))
 
 
 def split_for_validation(

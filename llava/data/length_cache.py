@@ -12,11 +12,13 @@ or why it was dropped or bad) and the rows' byte ranges, in one `.npz` file next
 (`<data>.lengths-<key>.npz`; elsewhere when that folder is read-only). Its key hashes everything
 the result depends on: the data file (path, size, modification time), the reader's options,
 the tokenizer (its whole serialized state), the template, the image tokens, model_max_length
-and the image mode; for an AnyRes dataset (llava.data.anyres_data) also every AnyRes setting
-and max_image_pixels, so a start from the cache reads no image header either. A changed input
-gives another key, so a stale cache is never read; the key is also stored inside and compared.
-Image files are not part of the key: after fixing a missing or broken image (or, with AnyRes,
-replacing one by an image of another size), delete the cache (or touch the data file).
+and the image mode; for an AnyRes dataset (llava.data.anyres_data) also every AnyRes setting,
+for a transformers processor's (llava.data.processor_media) the processor
+(`processor_fingerprint`), and for both max_image_pixels, so a start from the cache reads no
+image header either. A changed input gives another key, so a stale cache is never read; the key
+is also stored inside and compared. Image files are not part of the key: after fixing a missing
+or broken image (or, with AnyRes or a processor, replacing one by an image of another size),
+delete the cache (or touch the data file).
 
 With several ranks (torch.distributed initialized), rank 0 builds and writes the cache while the
 others wait at a barrier and then read it; one that cannot see the file (no shared disk) builds
@@ -379,6 +381,32 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     }
     digest.update(json.dumps(specials, sort_keys=True, default=str).encode())
     return digest.hexdigest()
+
+
+def processor_fingerprint(processor: Any) -> dict[str, Any]:
+    """Everything of a transformers processor (besides its tokenizer, `tokenizer_fingerprint`'s)
+    that a processor dataset's ids and lengths depend on (llava.data.processor_media): its
+    class, the chat template `--version auto` renders with, its own serialized settings
+    (`image_seq_len`, ...), its image processor's whole serialized settings (size, max_pixels,
+    patch and merge size, tiling, ...) and its plain attributes (image tokens, 4.x's
+    `image_seq_length`, ...), which its serialization leaves out on some lines."""
+    image_processor = getattr(processor, "image_processor", None)
+    attributes = {
+        name: value
+        for name, value in sorted(vars(processor).items())
+        if isinstance(value, (str, int, float, bool, type(None)))
+    }
+    chat_template = getattr(processor, "chat_template", None)
+    return {
+        "class": type(processor).__qualname__,
+        "chat_template": chat_template or getattr(processor.tokenizer, "chat_template", None),
+        "settings": json.loads(processor.to_json_string()),
+        "image_processor": {
+            "class": type(image_processor).__qualname__,
+            "settings": json.loads(image_processor.to_json_string()) if image_processor else None,
+        },
+        "attributes": attributes,
+    }
 
 
 def data_file_identity(path: str) -> dict[str, Any]:

@@ -14,7 +14,11 @@ writes each image into the text as a run of tokens whose number depends on the i
 - when a sample is loaded the processor runs on the kept text and images, giving every model
   input (pixel_values, image_grid_thw, pixel_attention_mask, token_type_ids, ...), and its
   input_ids must equal the ids built turn by turn;
-- `ProcessorCollator` (llava.data.processor_collator) pads and batches those inputs.
+- `ProcessorCollator` (llava.data.processor_collator) pads and batches those inputs;
+- a LLaVA .json list, a .jsonl file or tar shards are read row by row and what building found
+  is cached, as for the composed models (llava.data.dataset.load_rows_once), keyed by the
+  processor too (its chat template, its own and its image processor's settings): a second
+  start, on any rank, reads no image header and tokenizes nothing.
 
 A processor without a chat template whose `__call__` takes `suffix=` (PaliGemma's: a prompt, and
 the text to learn after it) trains on single-turn records through `PromptSuffixDataset`: one
@@ -47,9 +51,18 @@ from llava.conversation import (
     render_auto,
 )
 from llava.data.collator import pad_token_id_of
-from llava.data.dataset import DataSummary, SupervisedDataset
-from llava.data.formats import BadRecordError, Record, load_records
+from llava.data.dataset import (
+    DataSummary,
+    RowRecords,
+    RowStore,
+    SupervisedDataset,
+    length_cache_key,
+    load_rows_once,
+)
+from llava.data.forked import available_cpus
+from llava.data.formats import BadRecordError, Record
 from llava.data.images import DEFAULT_MAX_IMAGE_PIXELS, load_image
+from llava.data.length_cache import CachedBuild
 from llava.data.processor_collator import (
     OWN_KEYS,
     PROBE_SIZE,
@@ -386,11 +399,15 @@ class ProcessorDataset(SupervisedDataset):
 
     Lengths come from the images' header sizes at construction; `__getitem__` decodes the kept
     images and runs the processor, whose input_ids must equal the ids built turn by turn.
+    `records` is a list or RowRecords (read row by row), built in forked children
+    (`build_workers`) or replayed from the length cache (`cached`), as SupervisedDataset's: what
+    `load` needs (the processor, its media and conversation tokenizer) is set up before any of
+    them, and what they learn lazily (an image size's ids) is learnt again where needed.
     """
 
     def __init__(
         self,
-        records: list[Record],
+        records: Sequence[Record] | RowRecords,
         processor: Any,
         template: ChatTemplate | str,
         model_max_length: int,
@@ -399,6 +416,8 @@ class ProcessorDataset(SupervisedDataset):
         skipped: Sequence[BadRecordError] = (),
         skip_log_dir: str | None = None,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        cached: CachedBuild | None = None,
+        build_workers: int = 1,
     ):
         self.processor = processor
         self.media = ProcessorMedia(processor)
@@ -414,6 +433,8 @@ class ProcessorDataset(SupervisedDataset):
             skip_log_dir=skip_log_dir,
             max_image_pixels=max_image_pixels,
             conversation_tokenizer=conversation_tokenizer,
+            cached=cached,
+            build_workers=build_workers,
         )
 
     def add_block(self, records: list[Record]) -> None:
@@ -608,13 +629,14 @@ class PromptSuffixDataset(ProcessorDataset):
 
     def __init__(
         self,
-        records: list[Record],
+        records: Sequence[Record] | RowRecords,
         processor: Any,
         template: ChatTemplate | str,
         model_max_length: int,
         **dataset_options: Any,
     ):
-        """`dataset_options`: SupervisedDataset's (skip_bad_records, summary, skipped, ...)."""
+        """`dataset_options`: SupervisedDataset's (skip_bad_records, summary, skipped, cached,
+        build_workers, ...)."""
         if not TRANSFORMERS_5:
             raise ValueError(
                 "a prompt+suffix processor trains on transformers 5.x only: on 4.x PaliGemma's "
@@ -682,25 +704,38 @@ def load_processor_dataset(
     skip_bad_records: bool = False,
     skip_log_dir: str | None = None,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    build_workers: int = 1,
 ) -> ProcessorDataset:
     """Read a data path (any supported format) into a ProcessorDataset (a PromptSuffixDataset
-    for a processor that takes a prompt and a suffix)."""
+    for a processor that takes a prompt and a suffix).
+
+    As load_supervised_dataset (llava.data.dataset.load_rows_once): a LLaVA .json list, a .jsonl
+    file or tar shards are read row by row, first built by `build_workers` forked processes,
+    and what building found is cached next to them, keyed by the processor too
+    (llava.data.length_cache.processor_fingerprint): a second start, on any rank, tokenizes
+    nothing and reads no image header. Hugging Face datasets are read whole and built at every
+    start."""
     template = get_template(version)
-    loaded = load_records(
-        data_path, image_folder, dataset_text_field, dataset_image_field, skip_bad_records
-    )
     dataset_class = PromptSuffixDataset if is_prompt_suffix(processor) else ProcessorDataset
-    return dataset_class(
-        loaded.records,
-        processor,
-        template,
-        model_max_length,
-        skip_bad_records=skip_bad_records,
-        summary=DataSummary(source=data_path),
-        skipped=loaded.skipped,
-        skip_log_dir=skip_log_dir,
-        max_image_pixels=max_image_pixels,
-    )
+
+    def dataset(records: Any, **how: Any) -> ProcessorDataset:
+        """`records` built (`how`: skipped, build_workers or cached) with this call's options."""
+        return dataset_class(
+            records, processor, template, model_max_length, skip_bad_records=skip_bad_records,
+            summary=DataSummary(source=data_path), skip_log_dir=skip_log_dir,
+            max_image_pixels=max_image_pixels, **how,
+        )  # fmt: skip
+
+    def cache_key(store: RowStore, reader: list[Any]) -> dict[str, Any]:
+        return length_cache_key(
+            store, dataset_class, processor.tokenizer, template, model_max_length, reader,
+            images=[], anyres=None, max_image_pixels=max_image_pixels, processor=processor,
+        )  # fmt: skip
+
+    return load_rows_once(
+        data_path, image_folder, dataset_text_field, dataset_image_field, skip_bad_records,
+        skip_log_dir, build_workers, dataset, cache_key,
+    )  # fmt: skip
 
 
 def build_processor_data(
@@ -724,6 +759,7 @@ def build_processor_data(
         skip_bad_records=getattr(data_args, "skip_bad_records", False),
         skip_log_dir=skip_log_dir,
         max_image_pixels=getattr(data_args, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS),
+        build_workers=getattr(data_args, "preprocessing_num_workers", None) or available_cpus(),
     )
     if len(dataset) == 0:
         raise ValueError(f"no trainable sample in {data_args.data_path}: {dataset.summary.line()}")
