@@ -3,9 +3,9 @@
 At construction every record is rendered and tokenized once (text only, fast) to learn its
 true length with image placeholders, whether truncation shortens or drops it, and whether any
 supervised token is left; nothing is kept but the record and its length (of a LLaVA .json or
-.jsonl file or tar shards (llava.data.shards), only the row's number: the row is parsed again
-when loaded), and what was found is cached next to the data so that a second start, on any
-rank, tokenizes nothing (llava.data.length_cache).
+.jsonl file, tar shards (llava.data.shards) or a local Hugging Face dataset (llava.data.hf_rows),
+only the row's number: the row is parsed again when loaded), and what was found is cached next
+to the data so that a second start, on any rank, tokenizes nothing (llava.data.length_cache).
 Images are decoded only in `__getitem__`. Bad records raise `BadRecordError` naming file, index and id. With
 `skip_bad_records`, those a cheap check finds (format, roles, tags against images, missing image
 files, text the template rejects) are dropped here and counted in the summary line; those found
@@ -35,7 +35,8 @@ from torch.utils.data import Dataset
 from llava.conversation import ChatTemplate, get_template
 from llava.data.collator import SupervisedCollator, pad_token_id_of
 from llava.data.forked import available_cpus, contiguous_shares, map_forked
-from llava.data.formats import BadRecordError, Record, load_records
+from llava.data.formats import BadRecordError, Record, is_saved_dataset, load_records, parquet_files
+from llava.data.hf_rows import HfRecords, hf_identity
 from llava.data.images import (
     DEFAULT_MAX_IMAGE_PIXELS,
     check_aspect_ratio,
@@ -49,6 +50,7 @@ from llava.data.length_cache import (
     JsonlRecords,
     JsonRecords,
     LengthCache,
+    RowReader,
     built_once,
     data_file_identity,
     processor_fingerprint,
@@ -128,8 +130,9 @@ class RowsFound:
 
 
 # Record sources read row by row (a row parsed when its sample is loaded): a LLaVA .json list,
-# a .jsonl file (JsonlRecords, a JsonRecords), tar shards (llava.data.shards).
-RowRecords = JsonRecords | ShardRecords
+# a .jsonl file (JsonlRecords, a JsonRecords), tar shards (llava.data.shards), a local Hugging
+# Face dataset (llava.data.hf_rows).
+RowRecords = JsonRecords | ShardRecords | HfRecords
 
 
 class Samples(Sequence):
@@ -137,7 +140,7 @@ class Samples(Sequence):
     their source (a list, or RowRecords read row by row when a sample is loaded)."""
 
     def __init__(self, source: Sequence[Record] | RowRecords):
-        self.store = source if isinstance(source, (JsonRecords, ShardRecords)) else None
+        self.store = source if isinstance(source, RowReader) else None
         self.keys: Any = array("q") if self.store is not None else []  # rows, or the records
         self.num_images = array("h")
 
@@ -165,7 +168,7 @@ class SupervisedDataset(Dataset):
 
     `lengths` (tokens, image placeholders included) and `modalities` ("image" / "text") are
     known without decoding any image; the grouped samplers read them. `records` is a list, or
-    RowRecords (a JSON file, tar shards) whose rows are parsed as they are needed (then samples
+    RowRecords (a JSON file, tar shards, a Hugging Face dataset) whose rows are parsed as they are needed (then samples
     keep only rows).
     """
 
@@ -259,7 +262,7 @@ class SupervisedDataset(Dataset):
     @staticmethod
     def build_shares(records: Any, skipped: Sequence, workers: int) -> int:
         """How many processes build `records`: one but for large RowRecords."""
-        if not isinstance(records, (JsonRecords, ShardRecords)) or skipped:
+        if not isinstance(records, RowReader) or skipped:
             return 1
         return max(1, min(workers, len(records) // (SHARE_BLOCKS * ENCODE_BLOCK)))
 
@@ -464,8 +467,9 @@ class RowStore:
 def row_store(
     data_path: str, image_folder: str | None, text_field: str | None, image_field: str | None
 ) -> RowStore | None:
-    """The RowStore of tar shards, a LLaVA .json list or a .jsonl file; None for data read whole
-    (Hugging Face datasets)."""
+    """The RowStore of tar shards, a LLaVA .json list, a .jsonl file or a local Hugging Face
+    dataset (a save_to_disk folder or parquet files, its cache file named after the folder or
+    file, beside it); None for a path of none of these (load_records then says what is wrong)."""
     if is_shard_path(data_path):
         shards = ShardSet.find(data_path)
         return RowStore(
@@ -481,6 +485,15 @@ def row_store(
             cache_path=data_path,
             read=lambda: reader.read(data_path, image_folder, text_field, image_field),
             reopen=lambda cached: reader(
+                data_path, cached.starts, cached.ends, cached.columns, cached.base_folder
+            ),
+        )
+    if is_saved_dataset(data_path) or parquet_files(data_path):
+        return RowStore(
+            identity={"hf": hf_identity(data_path)},
+            cache_path=os.path.abspath(data_path),
+            read=lambda: HfRecords.read(data_path, image_folder, text_field, image_field),
+            reopen=lambda cached: HfRecords.reopen(
                 data_path, cached.starts, cached.ends, cached.columns, cached.base_folder
             ),
         )
@@ -546,7 +559,8 @@ def load_rows_once(
     cache_key: CacheKeyOf,
 ) -> SupervisedDataset:
     """`dataset` of a data path's records, built once for every start and rank where the data is
-    read row by row (`row_store`), else from the records read whole.
+    read row by row (`row_store`: every format), else from load_records (which then names what
+    is wrong with the path).
 
     Shared by load_supervised_dataset and the processor models' loader
     (llava.data.processor_media), so both get the same row-by-row reading, forked first build
@@ -597,11 +611,12 @@ def load_supervised_dataset(
     image's tokens and tiles by its size (llava.data.anyres_data.AnyResDataset).
     `build_workers`: forked processes that share the tokenizing of a large row-read source.
 
-    A LLaVA .json list, a .jsonl file or tar shards (`shards/{000..099}.tar`,
-    llava.data.shards), with or without anyres, are read row by row and never held as records,
-    and what building found is cached next to them (llava.data.length_cache): a second start,
-    on any rank, tokenizes nothing and (anyres) reads no image header. Hugging Face datasets
-    are read whole and built at every start (`load_rows_once`).
+    Every format, with or without anyres, is read row by row and never held as records: a
+    LLaVA .json list, a .jsonl file, tar shards (`shards/{000..099}.tar`, llava.data.shards) and
+    a local Hugging Face dataset (a save_to_disk folder or parquet files, memory-mapped:
+    llava.data.hf_rows); what building found is cached next to them (llava.data.length_cache):
+    a second start, on any rank, tokenizes nothing and (anyres) reads no image header
+    (`load_rows_once`).
     """
     template = get_template(version)
     check_aspect_ratio(image_aspect_ratio)  # before any file is read

@@ -539,18 +539,39 @@ def open_hf_dataset(path: str) -> Any:
     return loaded.flatten_indices() if loaded._indices is not None else loaded
 
 
-def image_cells(dataset: Any, column: str | None, base_folder: str) -> list[list[Any]]:
-    """Per row, its images: paths read now, stored images as lazy DatasetImage references."""
+# how image_cell_kind classes an image column
+IMAGE_PATHS, IMAGE_LISTS, SINGLE_IMAGES = "paths", "lists", "single"
+
+
+def image_cell_kind(dataset: Any, column: str | None) -> str | None:
+    """How a row's images are read from the column: IMAGE_PATHS (a path or a list of them, read
+    as they are), IMAGE_LISTS (a list of stored images), SINGLE_IMAGES (one stored image or
+    none); None without an image column. The whole-file and row readers both ask it, so they
+    agree on every type."""
     if column is None:
-        return [[] for _ in range(len(dataset))]
+        return None
     import pyarrow as pa
-    import pyarrow.compute as pc
 
     cells = dataset.data.column(column)
     value_type = cells.type.value_type if pa.types.is_list(cells.type) else cells.type
     if pa.types.is_string(value_type) or pa.types.is_large_string(value_type):
-        return [row_images({"v": value}, "v") for value in cells.to_pylist()]
+        return IMAGE_PATHS
     if pa.types.is_list(cells.type) or pa.types.is_large_list(cells.type):
+        return IMAGE_LISTS
+    return SINGLE_IMAGES
+
+
+def image_cells(dataset: Any, column: str | None, base_folder: str) -> list[list[Any]]:
+    """Per row, its images: paths read now, stored images as lazy DatasetImage references."""
+    kind = image_cell_kind(dataset, column)
+    if kind is None:
+        return [[] for _ in range(len(dataset))]
+    import pyarrow.compute as pc
+
+    cells = dataset.data.column(column)
+    if kind == IMAGE_PATHS:
+        return [row_images({"v": value}, "v") for value in cells.to_pylist()]
+    if kind == IMAGE_LISTS:
         counts = pc.fill_null(pc.list_value_length(cells), 0).to_pylist()
         return [
             [DatasetImage(dataset, column, row, k) for k in range(n)]
@@ -562,9 +583,23 @@ def image_cells(dataset: Any, column: str | None, base_folder: str) -> list[list
     ]
 
 
-def hf_records(
-    path: str, image_folder: str | None, text_field: str | None, image_field: str | None
-) -> Iterator[Record | BadRecordError]:
+def row_image_cells(dataset: Any, column: str | None, kind: str | None, row: int) -> list[Any]:
+    """One row's images, as image_cells gives them (`kind`: image_cell_kind's), reading only
+    that row's cell."""
+    if kind is None:
+        return []
+    cell = dataset.data.column(column)[row]
+    if kind == IMAGE_PATHS:
+        return row_images({"v": cell.as_py()}, "v")
+    if kind == IMAGE_LISTS:
+        count = len(cell.values) if cell.is_valid else 0
+        return [DatasetImage(dataset, column, row, k) for k in range(count)]
+    return [DatasetImage(dataset, column, row, None)] if cell.is_valid else []
+
+
+def opened_hf_dataset(path: str) -> Any:
+    """open_hf_dataset's dataset, or a DataFileError naming `path` when there are no rows or
+    it cannot be read."""
     if not is_saved_dataset(path):
         check_parquet_files(path)
     elif saved_without_data(path):  # datasets fails on these with an IndexError
@@ -575,19 +610,42 @@ def hf_records(
         raise DataFileError(path, f"cannot read the dataset: {error}") from None
     if len(dataset) == 0:
         raise DataFileError(path, "no records (the dataset has no rows)")
+    return dataset
+
+
+def hf_columns(path: str, dataset: Any, text_field: str | None, image_field: str | None) -> Columns:
+    """The dataset's column layout, told from the first row's text cell."""
     available = set(dataset.column_names)
     try:
         probe = detect_columns(available, None, text_field, image_field)
         sample = dataset.data.column(probe.text)[0].as_py()
-        columns = detect_columns(available, {probe.text: sample}, text_field, image_field)
+        return detect_columns(available, {probe.text: sample}, text_field, image_field)
     except ValueError as error:
         raise DataFileError(path, str(error)) from None
-    text_columns = [c for c in (columns.text, columns.answer) if c]
-    values = {c: dataset.data.column(c).to_pylist() for c in text_columns}
-    base_folder = image_folder or (path if os.path.isdir(path) else os.path.dirname(path))
+
+
+def hf_base_folder(path: str, image_folder: str | None) -> str:
+    """Where a dataset's relative image paths are taken from."""
+    return image_folder or (path if os.path.isdir(path) else os.path.dirname(path))
+
+
+def text_columns(columns: Columns) -> list[str]:
+    """The columns parse_row reads a dataset row's text from."""
+    return [c for c in (columns.text, columns.answer) if c]
+
+
+def hf_records(
+    path: str, image_folder: str | None, text_field: str | None, image_field: str | None
+) -> Iterator[Record | BadRecordError]:
+    """Every row of a dataset, its text columns read whole (llava.data.hf_rows.HfRecords reads
+    the same records a row at a time)."""
+    dataset = opened_hf_dataset(path)
+    columns = hf_columns(path, dataset, text_field, image_field)
+    values = {c: dataset.data.column(c).to_pylist() for c in text_columns(columns)}
+    base_folder = hf_base_folder(path, image_folder)
     images = image_cells(dataset, columns.image, base_folder)
     for index in range(len(dataset)):
-        row = {c: values[c][index] for c in text_columns}
+        row = {c: values[c][index] for c in values}
         try:
             yield parse_row(row, columns, images[index], path, index, base_folder)
         except BadRecordError as error:

@@ -6,16 +6,19 @@ of a row is kept); `JsonlRecords` does the same for a .jsonl file, a row per non
 (newlines found in large binary reads). A row is read again (`os.pread`) and parsed into a
 `Record` only when a sample is loaded, so no rank or loader worker holds a Python object tree
 per record. Either gives the same records and bad-record errors as formats' whole-file readers.
+Tar shards (llava.data.shards.ShardRecords) and local Hugging Face datasets
+(llava.data.hf_rows.HfRecords, memory-mapped) are `RowReader`s too.
 
 `LengthCache` stores what building the dataset found per record (its length and images kept,
-or why it was dropped or bad) and the rows' byte ranges, in one `.npz` file next to the data
-(`<data>.lengths-<key>.npz`; elsewhere when that folder is read-only). Its key hashes everything
-the result depends on: the data file (path, size, modification time), the reader's options,
-the tokenizer (its whole serialized state), the template, the image tokens, model_max_length
-and the image mode; for an AnyRes dataset (llava.data.anyres_data) also every AnyRes setting,
-for a transformers processor's (llava.data.processor_media) the processor
-(`processor_fingerprint`), and for both max_image_pixels, so a start from the cache reads no
-image header either. A changed input gives another key, so a stale cache is never read; the key
+or why it was dropped or bad) and the rows' byte ranges (a Hugging Face dataset's: one range of
+row numbers), in one `.npz` file next to the data (`<data>.lengths-<key>.npz`, beside a
+dataset's folder; elsewhere when that folder is read-only). Its key hashes everything the
+result depends on: the data files (path, size, modification time, inode; every shard, every
+Arrow or parquet file of a Hugging Face dataset), the reader's options, the tokenizer (its
+whole serialized state), the template, the image tokens, model_max_length and the image mode;
+for an AnyRes dataset (llava.data.anyres_data) also every AnyRes setting, for a transformers
+processor's (llava.data.processor_media) the processor (`processor_fingerprint`), and for both
+max_image_pixels, so a start from the cache reads no image header either. A changed input gives another key, so a stale cache is never read; the key
 is also stored inside and compared. Image files are not part of the key: after fixing a missing
 or broken image (or, with AnyRes or a processor, replacing one by an image of another size),
 delete the cache (or touch the data file).
@@ -189,7 +192,7 @@ def scan_json_list(path: str, text_field: str | None) -> RowScan | None:
 class RowReader:
     """Records read one row at a time: `item(row)` gives a Record or the reader's
     BadRecordError; subclasses say how (JsonRecords and JsonlRecords here,
-    llava.data.shards.ShardRecords)."""
+    llava.data.shards.ShardRecords, llava.data.hf_rows.HfRecords)."""
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -433,7 +436,8 @@ def cache_folder(data_path: str, fallback: str | None) -> str:
 
 @dataclass
 class CachedBuild:
-    """What building a dataset found, per record of its source, and the source's byte ranges.
+    """What building a dataset found, per record of its source, and the source's byte ranges
+    (llava.data.hf_rows.HfRecords': starts [0], ends [number of rows]).
 
     rows, lengths, num_images: per kept sample. counts: the DataSummary counters.
     bad: (index, reason, id) of each bad record in the order they were reported.

@@ -710,11 +710,10 @@ def load_processor_dataset(
     for a processor that takes a prompt and a suffix).
 
     As load_supervised_dataset (llava.data.dataset.load_rows_once): a LLaVA .json list, a .jsonl
-    file or tar shards are read row by row, first built by `build_workers` forked processes,
-    and what building found is cached next to them, keyed by the processor too
-    (llava.data.length_cache.processor_fingerprint): a second start, on any rank, tokenizes
-    nothing and reads no image header. Hugging Face datasets are read whole and built at every
-    start."""
+    file, tar shards or a Hugging Face dataset are read row by row, first built by
+    `build_workers` forked processes, and what building found is cached next to them, keyed by
+    the processor too (llava.data.length_cache.processor_fingerprint): a second start, on any
+    rank, tokenizes nothing and reads no image header."""
     template = get_template(version)
     dataset_class = PromptSuffixDataset if is_prompt_suffix(processor) else ProcessorDataset
 
