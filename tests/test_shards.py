@@ -421,3 +421,67 @@ def test_stage_one_trains_on_shards_and_resumes_with_the_same_losses(
     _, resumed = run(tmp_path / "resumed")
     assert loaded == first_loaded[4:]  # batch 3 (and the one fetched ahead), nothing before
     assert resumed[3] == pytest.approx(first[3], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "tar_format", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT]
+)
+def test_members_read_from_plain_headers_are_tarfiles_and_others_fall_back(
+    tmp_path, tar_format, monkeypatch
+):
+    """A sample's members, and a shard's sample ranges, from its headers alone equal tarfile's
+    (names, data offsets, sizes; starts and ends); a header only tarfile reads (a long name, a
+    non-ASCII one, a directory, a bad checksum) or a truncated shard makes the fast read give
+    up, and then tarfile reads it."""
+    by_tarfile = {}
+    deep = "d" * 120 + "/" if tar_format != tarfile.USTAR_FORMAT else ""
+    cases = {
+        "plain": [("k.json", b"{}"), ("k.0.png", b"x" * 700), ("k.1.png", b"y"), ("k.txt", b"")],
+        "prefixed": [("a/b/k.json", b"{}"), ("a/b/k.jpg", b"z" * 513)],
+        "long": [(deep + "k" * 130 + ".json", b"{}")] if deep else [],
+        "non-ascii": [("kä.json", b"{}")],
+        "directory": [("k.json", b"{}"), ("k.dir/", b"")],
+    }
+    for case, members in cases.items():
+        if not members:
+            continue
+        path = str(tmp_path / f"{case}.tar")
+        with tarfile.open(path, "w", format=tar_format) as tar:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size, info.type = (
+                    len(data),
+                    tarfile.DIRTYPE if name.endswith("/") else info.type,
+                )
+                tar.addfile(info, io.BytesIO(data))
+        with tarfile.open(path) as tar:
+            expected = [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
+            expected = [m for m in expected if shards_module.member_key(m[0])]
+            span_end = tar.offset
+        span = shards_module.SpanFile(shards_module.ShardFiles(), path, 0, span_end)
+        found = shards_module.plain_members(span)
+        scanned = shards_module.plain_scan(path, os.path.getsize(path))
+        with monkeypatch.context() as patch:
+            patch.setattr(shards_module, "plain_scan", lambda path, size: None)
+            by_tarfile[case] = shards_module.scan_shard(path, os.path.getsize(path))
+        if case in ("plain", "prefixed"):
+            assert [(m.name, m.offset_data, m.size) for m in found] == expected, case
+            assert scanned == by_tarfile[case], case
+        else:
+            assert found is None and scanned is None, case
+    assert by_tarfile["plain"] == ([0], [512 * 8])  # KEY.json, .0.png (2 blocks), .1.png, .txt
+    with open(path, "rb") as f:
+        whole = f.read()
+    truncated = str(tmp_path / "truncated.tar")
+    with open(truncated, "wb") as f:
+        f.write(whole[: 512 * 2])  # the first header and data block, no marker
+    assert shards_module.plain_scan(truncated, 512 * 2) is None
+    with open(path, "r+b") as f:  # the last case's first header, its checksum broken
+        f.seek(148)
+        f.write(b"0000000\0")
+    assert (
+        shards_module.plain_members(
+            shards_module.SpanFile(shards_module.ShardFiles(), path, 0, span_end)
+        )
+        is None
+    )

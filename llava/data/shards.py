@@ -36,6 +36,7 @@ reason names the shard and member (skipped and listed with --skip_bad_records).
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import tarfile
@@ -251,6 +252,49 @@ class SpanFile:
     def tell(self) -> int:
         return self.position
 
+    def rewound(self) -> SpanFile:
+        self.position = 0
+        return self
+
+
+def plain_header(block: bytes) -> tuple[str, int] | None:
+    """(name, data size) of a regular file's ustar or GNU header with a valid checksum and an
+    ASCII name; None for any other header (tarfile reads those)."""
+    if len(block) != BLOCK or block[257:262] != b"ustar" or block[156:157] not in (b"0", b"\0"):
+        return None
+    try:
+        checksum = int(block[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
+        size = int(block[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        return None
+    if checksum != sum(block[:148]) + 8 * ord(" ") + sum(block[156:]):
+        return None
+    name = block[:100].split(b"\0", 1)[0]
+    prefix = block[345:500].split(b"\0", 1)[0] if block[257:263] == b"ustar\0" else b""
+    name = prefix + b"/" + name if prefix else name
+    if not name.isascii() or name.endswith(b"/"):
+        return None
+    return name.decode("ascii"), size
+
+
+def plain_members(span: SpanFile) -> list[tarfile.TarInfo] | None:
+    """A sample's members (offsets from the span's start) as tarfile gives them, read from its
+    headers alone without tarfile's machinery (the cold build reads every row's), or None when
+    one header is not plain (see plain_header)."""
+    members, position, length = [], 0, span.end - span.start
+    while position < length:
+        span.seek(position)
+        header = plain_header(span.read(BLOCK))
+        if header is None:
+            return None
+        name, size = header
+        if member_key(name) is not None:
+            member = tarfile.TarInfo(name)
+            member.size, member.offset, member.offset_data = size, position, position + BLOCK
+            members.append(member)
+        position += BLOCK + padded(size)
+    return members
+
 
 @dataclass(frozen=True)
 class ShardMember:
@@ -270,10 +314,44 @@ class ShardMember:
             raise ValueError(f"{self.path} member {self.name}: {error}") from None
 
 
+def plain_scan(path: str, size: int) -> tuple[list[int], list[int]] | None:
+    """scan_shard's result read from plain headers alone (see plain_header), through a memory
+    map: a cold build reads every header of every shard before it forks, so tarfile's
+    machinery there is minutes at 665K samples. None when a header is not plain, a member runs
+    past the file's end or the end-of-archive marker is missing: tarfile reads that shard
+    (and names what is wrong with it)."""
+    starts: list[int] = []
+    ends: list[int] = []
+    last_key, position, end_marker = None, 0, bytes(BLOCK)
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            while (block := data[position : position + BLOCK]) != end_marker:
+                header = plain_header(block)
+                if header is None:
+                    return None
+                name, member_size = header
+                end = position + BLOCK + padded(member_size)
+                if end > size:
+                    return None
+                key = member_key(name)
+                if key is not None and key[0] == last_key:
+                    ends[-1] = end
+                elif key is not None:
+                    starts.append(position)
+                    ends.append(end)
+                last_key, position = (key[0] if key else None), end
+    except (OSError, ValueError):  # unreadable, or empty (mmap refuses those)
+        return None
+    return starts, ends
+
+
 def scan_shard(path: str, size: int) -> tuple[list[int], list[int]]:
     """(starts, ends): the byte range of each sample's members (headers included), from the
     tar headers alone. A shard that cannot be read to its end-of-archive marker raises
     DataFileError naming it and the last member read."""
+    plain = plain_scan(path, size)
+    if plain is not None:
+        return plain
     starts: list[int] = []
     ends: list[int] = []
     last_key, last_name = None, None
@@ -411,8 +489,10 @@ class ShardRecords(RowReader):
         start, end = int(self.starts[row]) - base, int(self.ends[row]) - base
         span = SpanFile(self.files, path, start, end)
         try:
-            with tarfile.open(fileobj=span, mode="r:") as tar:
-                found = [m for m in tar if m.isfile() and member_key(m.name) is not None]
+            found = plain_members(span)
+            if found is None:  # a header tarfile must read (pax, long names, ...), or a bad one
+                with tarfile.open(fileobj=span.rewound(), mode="r:") as tar:
+                    found = [m for m in tar if m.isfile() and member_key(m.name) is not None]
         except (tarfile.TarError, OSError) as error:
             reason = f"{path} bytes {start}-{end}: not the sample indexed there (changed?): {error}"
             raise BadRecordError(self.path, row, reason) from None
