@@ -318,6 +318,17 @@ def test_forked_shares_run_at_once_and_come_back_in_order():
     assert contiguous_shares(2, 5) == [range(0, 1), range(1, 2)]
 
 
+def test_each_forked_share_runs_torch_on_one_thread():
+    """The children are one per CPU: torch's pool in each would oversubscribe them."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert map_forked(lambda share: torch.get_num_threads(), [1, 2]) == [1, 1]
+        assert torch.get_num_threads() == 2  # the parent's pool is left alone
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_an_error_in_a_forked_share_is_raised_with_its_traceback():
     def work(share):
         if share == 2:

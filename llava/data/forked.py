@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -37,7 +38,17 @@ class ChildFailed(RuntimeError):
     """A forked child raised; the message holds its traceback."""
 
 
+def one_thread_each() -> None:
+    """In a child, one of as many as there are CPUs: torch's intra-op pool (a processor's image
+    probes run torch ops) would otherwise start a thread per CPU in every child. The
+    tokenizers library turns its own pool off in a forked child by itself."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(1)
+
+
 def child_main(function: Callable[[Any], Any], share: Any, connection: Any) -> None:
+    one_thread_each()
     try:
         result = ("ok", function(share))
     except BaseException:  # sent to the parent, which raises it
