@@ -259,7 +259,7 @@ def test_other_ranks_wait_for_rank_0s_cache(data, tokenizer, processor, monkeypa
     cache = LengthCache({}, data[0])
     cache.path, cache.key_text = path, key
     built = []
-    used = built_once(cache, lambda: built.append(1), lambda cached: len(cached.lengths))
+    used = built_once(cache, lambda builders: built.append(1), lambda cached: len(cached.lengths))
     assert not built and used == len(build(data, tokenizer, processor).lengths)
 
 
@@ -278,7 +278,7 @@ def test_every_rank_waits_once_even_when_the_cache_is_already_there(
     cache = LengthCache({}, data[0])
     cache.path, cache.key_text = path, key
     built = []
-    built_once(cache, lambda: built.append(1), lambda cached: len(cached.lengths))
+    built_once(cache, lambda builders: built.append(1), lambda cached: len(cached.lengths))
     assert barriers == [rank] and not built
 
 
@@ -294,11 +294,36 @@ def test_rank_0_builds_and_then_releases_the_others(monkeypatch):
     monkeypatch.setattr(length_cache, "distributed_rank", lambda: (0, 2))
     monkeypatch.setattr(torch.distributed, "barrier", lambda: events.append("barrier"))
     cache = LengthCache({}, "/nonexistent/data.json")
-    assert built_once(cache, lambda: events.append("build") or "built", None) == "built"
-    assert events == ["build", "barrier"]
+    assert built_once(cache, lambda builders: events.append(builders) or "built", None) == "built"
+    assert events == [1, "barrier"]  # rank 0 builds alone: every CPU of its machine
     with pytest.raises(ValueError):  # a failing build still releases the others
-        built_once(cache, lambda: (events.append("build"), int("x")), None)
+        built_once(cache, lambda builders: (events.append(builders), int("x")), None)
     assert events[-1] == "barrier"
+
+
+@pytest.mark.parametrize(
+    "env, builders",
+    [({"LOCAL_WORLD_SIZE": "4"}, 4), ({"LOCAL_SIZE": "8"}, 8), ({}, 1)],  # torchrun, deepspeed
+)
+def test_ranks_that_cannot_see_rank_0s_cache_share_their_machines_cpus(
+    data, tokenizer, processor, monkeypatch, env, builders
+):
+    """Ranks of a machine without rank 0's cache (a local disk) all build at once: each forks
+    its share of the CPUs, not every CPU."""
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(length_cache, "distributed_rank", lambda: (1, 2))
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: None)
+    seen = []
+    monkeypatch.setattr(
+        dataset_module.SupervisedDataset,
+        "build_shares",
+        staticmethod(lambda records, skipped, workers: seen.append(workers) or 1),
+    )
+    build(data, tokenizer, processor, build_workers=8)
+    assert seen == [8 // builders]
 
 
 def test_summary_line_stays_the_last_warning(data, tokenizer, processor, caplog):

@@ -51,6 +51,7 @@ from llava.data.length_cache import (
     JsonRecords,
     LengthCache,
     RowReader,
+    builders_at_once,
     built_once,
     data_file_identity,
     processor_fingerprint,
@@ -574,14 +575,16 @@ def load_rows_once(
     reader = [image_folder and os.path.abspath(image_folder), text_field, image_field]
     cache = LengthCache(cache_key(store, reader), store.cache_path, skip_log_dir)
 
-    def build() -> SupervisedDataset:
-        built = dataset(store.read(), build_workers=build_workers)
+    def build(builders: int) -> SupervisedDataset:
+        """`builders`: this machine's ranks building at once; they share its CPUs (a machine
+        that cannot see rank 0's cache would otherwise fork every CPU per rank)."""
+        built = dataset(store.read(), build_workers=max(1, build_workers // builders))
         if LengthCache.enabled():
             cache.save(built.cached_build())
         return built
 
     if not LengthCache.enabled():
-        return build()
+        return build(builders_at_once())
     return built_once(cache, build, lambda cached: dataset(store.reopen(cached), cached=cached))
 
 

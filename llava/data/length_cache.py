@@ -25,7 +25,9 @@ delete the cache (or touch the data file).
 
 With several ranks (torch.distributed initialized), rank 0 builds and writes the cache while the
 others wait at a barrier and then read it; one that cannot see the file (no shared disk) builds
-its own. LLAVA_LENGTH_CACHE=0 turns the cache off; LLAVA_LENGTH_CACHE_DIR puts it elsewhere.
+its own, forking its share of its machine's CPUs (the machine's ranks, LOCAL_WORLD_SIZE or
+LOCAL_SIZE, all build at once). LLAVA_LENGTH_CACHE=0 turns the cache off; LLAVA_LENGTH_CACHE_DIR
+puts it elsewhere.
 """
 
 from __future__ import annotations
@@ -530,25 +532,42 @@ def distributed_rank() -> tuple[int, int]:
     return 0, 1
 
 
-def built_once(cache: LengthCache, build: Callable[[], T], use: Callable[[CachedBuild], T]) -> T:
-    """`use(cached)` when the cache holds this key, else `build()` (which saves the cache). With
-    several ranks every rank takes the same steps, whatever it finds: rank 0 uses or builds
-    while the others wait at one barrier, then they use the cache (a rank that still finds none,
-    having no shared disk or because rank 0 failed, builds on its own). A rank deciding alone
-    whether to wait could skip the barrier rank 0 waits in (the cache written in between) and
-    leave the group's collectives out of step."""
+def ranks_on_this_machine() -> int:
+    """How many ranks the launcher started on this machine: torchrun's LOCAL_WORLD_SIZE,
+    DeepSpeed's LOCAL_SIZE; 1 when neither says."""
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        if os.environ.get(name, "").isdigit():
+            return max(1, int(os.environ[name]))
+    return 1
+
+
+def builders_at_once() -> int:
+    """How many ranks of this machine may build at once when each builds its own (no cache
+    shared between them): they share its CPUs."""
+    return ranks_on_this_machine() if distributed_rank()[1] > 1 else 1
+
+
+def built_once(cache: LengthCache, build: Callable[[int], T], use: Callable[[CachedBuild], T]) -> T:
+    """`use(cached)` when the cache holds this key, else `build(builders)` (which saves the
+    cache; `builders`: the ranks of this machine building at the same time, which share its
+    CPUs). With several ranks every rank takes the same steps, whatever it finds: rank 0 uses
+    or builds (alone: 1) while the others wait at one barrier, then they use the cache (ranks
+    that still find none, having no shared disk or because rank 0 failed, build on their own,
+    all of this machine's at once: `builders_at_once`). A rank deciding alone whether to wait
+    could skip the barrier rank 0 waits in (the cache written in between) and leave the
+    group's collectives out of step."""
     rank, world_size = distributed_rank()
     if world_size == 1:
-        return cached_or_built(cache, build, use)
+        return cached_or_built(cache, lambda: build(1), use)
     import torch
 
     if rank == 0:
         try:
-            return cached_or_built(cache, build, use)
+            return cached_or_built(cache, lambda: build(1), use)
         finally:
             torch.distributed.barrier()  # the others wait for the cache, or for rank 0's failure
     torch.distributed.barrier()
-    return cached_or_built(cache, build, use)
+    return cached_or_built(cache, lambda: build(ranks_on_this_machine()), use)
 
 
 def cached_or_built(
