@@ -179,7 +179,8 @@ def test_the_first_error_is_the_whole_paths(tmp_path, images, tokenizer, process
     path = write_hf_dataset(str(tmp_path), images, FORMS[0], BAD_ROWS[case])
     with pytest.raises(BadRecordError) as expected:
         whole(path, tokenizer, processor, images)
-    assert f"record {len(BAD_ROWS[case]) - 1}: " in str(expected.value)  # (ids are not read)
+    bad = f"record {len(BAD_ROWS[case]) - 1} (id r{BAD_ROWS[case][-1]}): "
+    assert bad in str(expected.value)  # the index and the id column's value
     with pytest.raises(BadRecordError) as cold:
         load(path, tokenizer, processor, images)
     assert not caches(path)

@@ -634,6 +634,13 @@ def text_columns(columns: Columns) -> list[str]:
     return [c for c in (columns.text, columns.answer) if c]
 
 
+def row_columns(columns: Columns, available: list[str]) -> list[str]:
+    """The columns parse_row reads a dataset row from: its text, and its `id` where the dataset
+    has one (a bad record's error names it, as a JSON record's does)."""
+    read = text_columns(columns)
+    return read + ["id"] if "id" in available and "id" not in read else read
+
+
 def hf_records(
     path: str, image_folder: str | None, text_field: str | None, image_field: str | None
 ) -> Iterator[Record | BadRecordError]:
@@ -641,7 +648,9 @@ def hf_records(
     the same records a row at a time)."""
     dataset = opened_hf_dataset(path)
     columns = hf_columns(path, dataset, text_field, image_field)
-    values = {c: dataset.data.column(c).to_pylist() for c in text_columns(columns)}
+    values = {
+        c: dataset.data.column(c).to_pylist() for c in row_columns(columns, dataset.column_names)
+    }
     base_folder = hf_base_folder(path, image_folder)
     images = image_cells(dataset, columns.image, base_folder)
     for index in range(len(dataset)):

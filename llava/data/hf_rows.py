@@ -25,8 +25,8 @@ from llava.data.formats import (
     opened_hf_dataset,
     parquet_files,
     parse_row,
+    row_columns,
     row_image_cells,
-    text_columns,
 )
 from llava.data.length_cache import RowReader, data_file_identity
 
@@ -125,7 +125,8 @@ class HfRecords(RowReader):
     def item(self, row: int) -> Record | BadRecordError:
         """Row `row` as a Record, or the BadRecordError hf_records gives it."""
         dataset = self.dataset
-        cells = {c: dataset.data.column(c)[row].as_py() for c in text_columns(self.columns)}
+        read = row_columns(self.columns, dataset.column_names)
+        cells = {c: dataset.data.column(c)[row].as_py() for c in read}
         images = row_image_cells(dataset, self.columns.image, self.image_kind, row)
         try:
             return parse_row(cells, self.columns, images, self.path, row, self.base_folder)
